@@ -1,0 +1,173 @@
+//! The command line: `run` (default) and `check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{CONFIG_ENV, Config, ConfigError};
+use crate::telemetry::{LogFormat, init_logging};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bitbucket-auth-proxy",
+    version,
+    about = "Keeps Bitbucket Cloud credentials in one process: clients call it without secrets, it injects them."
+)]
+pub struct Cli {
+    /// The TOML config file.
+    #[arg(long, short = 'c', global = true, env = CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format; default: text on a terminal, json otherwise. Level comes from RUST_LOG.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config and every secret, print the route table, and exit.
+    Check,
+}
+
+/// How long in-flight requests get to finish after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(config_path) = cli.config.clone() else {
+        eprintln!("error: no config file given: pass --config FILE or set {CONFIG_ENV}");
+        return ExitCode::from(2);
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&config_path),
+        Command::Run => run(&config_path, cli.log_format),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|error| {
+        report_config_error(&error);
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints config errors plainly. When the only problem is unset environment variables (a
+/// newcomer running the example), one line says which to set.
+fn report_config_error(error: &ConfigError) {
+    match error.only_missing_env() {
+        Some(vars) if !vars.is_empty() => {
+            let mut vars: Vec<&str> = vars;
+            vars.dedup();
+            eprintln!(
+                "error: {}: set the environment variable{} {} to the Bitbucket token{} this config reads",
+                error.path.display(),
+                if vars.len() > 1 { "s" } else { "" },
+                vars.join(", "),
+                if vars.len() > 1 { "s" } else { "" },
+            );
+        }
+        _ => {
+            for line in error.to_string().lines() {
+                eprintln!("error: {line}");
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{}", crate::config::describe_routes(&config));
+    println!(
+        "{}: OK ({} credential{}, {} route{})",
+        path.display(),
+        config.credentials.len(),
+        if config.credentials.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        config.routes.routes().len(),
+        if config.routes.routes().len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
+    init_logging(log_format);
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let proxy = match crate::listener::start(config).await {
+            Ok(proxy) => proxy,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        shutdown_signal().await;
+        tracing::info!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "shutting down: no new connections, draining"
+        );
+        match proxy.shutdown(SHUTDOWN_GRACE).await {
+            crate::listener::ShutdownOutcome::Drained => tracing::info!("drained, exiting"),
+            crate::listener::ShutdownOutcome::GraceExpired => {
+                tracing::warn!("grace period over, closing the remaining connections")
+            }
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,233 @@
+//! Configuration: load the TOML file, validate all of it, and produce the typed settings the
+//! proxy runs on. Every problem is reported at once, each naming the file, the key and what
+//! would be valid.
+
+mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use ipnet::IpNet;
+use rustls_pki_types::CertificateDer;
+use zeroize::Zeroizing;
+
+use crate::credentials::{Credential, UpstreamKind};
+use crate::routing::RouteTable;
+
+pub use file::ConfigFile;
+pub use validate::is_loopback_host;
+
+/// Environment variable that may hold the config path instead of `--config`.
+pub const CONFIG_ENV: &str = "BITBUCKET_AUTH_PROXY_CONFIG";
+
+/// A validated, ready-to-run configuration. Secrets are already loaded into credentials.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub credentials: Vec<Arc<Credential>>,
+    pub routes: RouteTable,
+    /// Things that work but deserve attention (inline secrets, app passwords).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub allowed_clients: Vec<IpNet>,
+    pub public_url: Option<Origin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub api: Origin,
+    pub git: Origin,
+    pub ca_file: Option<PathBuf>,
+    /// The certificates read from `ca_file`, trusted in addition to the built-in roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamSettings {
+    pub fn origin(&self, kind: UpstreamKind) -> &Origin {
+        match kind {
+            UpstreamKind::Api => &self.api,
+            UpstreamKind::Git => &self.git,
+        }
+    }
+}
+
+/// `scheme://authority` with no path, kept both parsed and as text for link rewriting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `scheme://authority`, exactly as it appears in absolute URLs (default port omitted).
+    pub text: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_API_URL: &str = "https://api.bitbucket.org";
+pub const DEFAULT_GIT_URL: &str = "https://bitbucket.org";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path (`routes[2].credential`), empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+    /// Set when the cause is an unset environment variable, so the CLI can say just that.
+    pub missing_env: Option<String>,
+}
+
+/// Everything wrong with a config file, reported together.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: ", self.path.display())?;
+            if !issue.key.is_empty() {
+                write!(f, "{}: ", issue.key)?;
+            }
+            f.write_str(&issue.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn whole_file(path: &Path, message: String) -> Self {
+        ConfigError {
+            path: path.to_owned(),
+            issues: vec![ConfigIssue {
+                key: String::new(),
+                message,
+                missing_env: None,
+            }],
+        }
+    }
+
+    /// The unset environment variables, when they are the only problem.
+    pub fn only_missing_env(&self) -> Option<Vec<&str>> {
+        self.issues
+            .iter()
+            .map(|issue| issue.missing_env.as_deref())
+            .collect()
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, loading every secret it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Inline secrets pass through this buffer: wipe it once parsed.
+        let text = std::fs::read_to_string(path)
+            .map(Zeroizing::new)
+            .map_err(|e| {
+                ConfigError::whole_file(path, format!("cannot read the config file: {e}"))
+            })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Parses and validates config text; `path` is used for messages and relative `file =` paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text)
+            .map_err(|e| ConfigError::whole_file(path, describe_toml_error(text, &e)))?;
+        validate::validate(path, file)
+    }
+}
+
+/// toml's message names the key and a column; add the line, which is what people look for.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The route table as `check` prints it: prefix → upstream URL, credential, kind, methods.
+/// Never shows a secret: only names and kinds.
+pub fn describe_routes(config: &Config) -> String {
+    let rows: Vec<[String; 5]> = config
+        .routes
+        .routes()
+        .iter()
+        .map(|route| {
+            [
+                route.prefix.clone(),
+                format!(
+                    "{}{}",
+                    config.upstream.origin(route.upstream),
+                    route.upstream_prefix
+                ),
+                route.credential.name.clone(),
+                route.credential.kind.to_string(),
+                route.methods.as_ref().map_or_else(
+                    || "any".to_owned(),
+                    |m| {
+                        m.iter()
+                            .map(http::Method::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                ),
+            ]
+        })
+        .collect();
+    let header = ["PREFIX", "UPSTREAM", "CREDENTIAL", "KIND", "METHODS"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let line = format!(
+            "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

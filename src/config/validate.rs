@@ -1,0 +1,588 @@
+//! Turns a parsed `ConfigFile` into a `Config`, collecting every problem rather than stopping at
+//! the first.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method, Uri};
+use ipnet::IpNet;
+
+use super::file::{ConfigFile, CredentialSection, RouteSection};
+use super::{
+    Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GIT_URL,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_TIMEOUT, Origin, ServerSettings,
+    UpstreamSettings,
+};
+use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
+use crate::path::check_path;
+use crate::routing::{Route, RouteTable};
+use crate::secrets::{SecretError, SecretSource, SecretSpec};
+
+/// Collects issues while validation walks the file.
+struct Issues {
+    issues: Vec<ConfigIssue>,
+    warnings: Vec<String>,
+}
+
+impl Issues {
+    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            key: key.into(),
+            message: message.into(),
+            missing_env: None,
+        });
+    }
+}
+
+pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+    let mut issues = Issues {
+        issues: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+
+    let server = server_settings(&mut issues, &file);
+    let upstream = upstream_settings(&mut issues, &file, base_dir);
+    let credentials = credentials(&mut issues, file.credentials, base_dir);
+    let routes = routes(&mut issues, &file.routes, &credentials);
+
+    if issues.issues.is_empty() {
+        Ok(Config {
+            path: path.to_owned(),
+            server,
+            upstream,
+            credentials: credentials.into_values().flatten().collect(),
+            routes,
+            warnings: issues.warnings,
+        })
+    } else {
+        Err(ConfigError {
+            path: path.to_owned(),
+            issues: issues.issues,
+        })
+    }
+}
+
+fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
+    let listen_specs = file
+        .server
+        .listen
+        .clone()
+        .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_owned()]);
+    if listen_specs.is_empty() {
+        issues.error(
+            "server.listen",
+            "must name at least one address, e.g. [\"127.0.0.1:8080\"]",
+        );
+    }
+    let listen = listen_specs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| match spec.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                issues.error(
+                    format!("server.listen[{i}]"),
+                    format!("`{spec}` is not an IP:port address (valid: \"127.0.0.1:8080\", \"[::1]:8080\", \"0.0.0.0:8080\")"),
+                );
+                None
+            }
+        })
+        .collect();
+
+    let allowed_clients = match &file.server.allowed_clients {
+        None => vec![
+            "127.0.0.0/8".parse().expect("valid CIDR"),
+            "::1/128".parse().expect("valid CIDR"),
+        ],
+        Some(specs) => specs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, spec)| match parse_cidr(spec) {
+                Some(net) => Some(net),
+                None => {
+                    issues.error(
+                        format!("server.allowed_clients[{i}]"),
+                        format!("`{spec}` is not a CIDR block (valid: \"127.0.0.1/32\", \"10.0.0.0/8\", \"::1/128\")"),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+
+    let public_url = file.server.public_url.as_deref().and_then(|url| {
+        parse_origin(url)
+            .map_err(|why| issues.error("server.public_url", format!("`{url}` {why}")))
+            .ok()
+    });
+
+    ServerSettings {
+        listen,
+        allowed_clients,
+        public_url,
+    }
+}
+
+fn parse_cidr(spec: &str) -> Option<IpNet> {
+    spec.parse::<IpNet>()
+        .ok()
+        .or_else(|| spec.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) -> UpstreamSettings {
+    let section = &file.upstream;
+    let mut origin = |key: &str, value: Option<&str>, default: &str| {
+        let url = value.unwrap_or(default);
+        match parse_origin(url).and_then(require_tls_unless_loopback) {
+            Ok(origin) => origin,
+            Err(why) => {
+                issues.error(format!("upstream.{key}"), format!("`{url}` {why}"));
+                parse_origin(default).expect("default upstream URL is valid")
+            }
+        }
+    };
+    let api = origin("api_url", section.api_url.as_deref(), DEFAULT_API_URL);
+    let git = origin("git_url", section.git_url.as_deref(), DEFAULT_GIT_URL);
+
+    let ca_file = section.ca_file.as_ref().map(|p| base_dir.join(p));
+    let extra_roots = match &ca_file {
+        None => Vec::new(),
+        Some(path) => crate::upstream::read_ca_file(path).unwrap_or_else(|why| {
+            issues.error("upstream.ca_file", why.to_string());
+            Vec::new()
+        }),
+    };
+
+    let mut duration = |key: &str, value: Option<&str>, default: Duration| match value {
+        None => default,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                issues.error(
+                    format!("upstream.{key}"),
+                    format!(
+                        "`{text}` is not a positive duration (valid: \"500ms\", \"5s\", \"2m\")"
+                    ),
+                );
+                default
+            }
+        },
+    };
+    UpstreamSettings {
+        api,
+        git,
+        ca_file,
+        extra_roots,
+        connect_timeout: duration(
+            "connect_timeout",
+            section.connect_timeout.as_deref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        ),
+        timeout: duration("timeout", section.timeout.as_deref(), DEFAULT_TIMEOUT),
+        idle_timeout: duration(
+            "idle_timeout",
+            section.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+    }
+}
+
+/// Parses `scheme://host[:port]` with nothing after the authority but an optional `/`.
+pub(crate) fn parse_origin(url: &str) -> Result<Origin, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| "is not a URL (valid: \"https://api.bitbucket.org\")".to_owned())?;
+    let scheme = uri
+        .scheme()
+        .filter(|s| **s == Scheme::HTTPS || **s == Scheme::HTTP)
+        .cloned()
+        .ok_or_else(|| "must start with https:// or http://".to_owned())?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| "has no host".to_owned())?;
+    if authority.as_str().contains('@') {
+        return Err("must not contain user information".to_owned());
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+        return Err(
+            "must be an origin only (scheme://host[:port]), without path or query".to_owned(),
+        );
+    }
+    let authority = strip_default_port(&scheme, authority);
+    let text = format!("{scheme}://{authority}");
+    Ok(Origin {
+        scheme,
+        authority,
+        text,
+    })
+}
+
+/// `https://host:443` and `https://host` are the same origin; Bitbucket writes the short form.
+fn strip_default_port(scheme: &Scheme, authority: Authority) -> Authority {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    if authority.port_u16() == Some(default) {
+        let host = authority
+            .as_str()
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h);
+        host.parse().unwrap_or(authority)
+    } else {
+        authority
+    }
+}
+
+fn require_tls_unless_loopback(origin: Origin) -> Result<Origin, String> {
+    if origin.scheme == Scheme::HTTPS || is_loopback_host(origin.authority.host()) {
+        Ok(origin)
+    } else {
+        Err(
+            "must use https:// (http:// is allowed only for loopback hosts, for local mocks)"
+                .to_owned(),
+        )
+    }
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Loads every credential. A credential that failed is kept as `None` so routes naming it do not
+/// also report "undefined credential".
+fn credentials(
+    issues: &mut Issues,
+    sections: BTreeMap<String, CredentialSection>,
+    base_dir: &Path,
+) -> BTreeMap<String, Option<Arc<Credential>>> {
+    sections
+        .into_iter()
+        .map(|(name, section)| {
+            let key = format!("credentials.{name}");
+            if !is_label_safe(&name) {
+                issues.error(
+                    &key,
+                    "credential names may use only letters, digits, '-', '_' and '.'",
+                );
+            }
+            let credential = credential(issues, &key, name.clone(), section, base_dir);
+            (name, credential.map(Arc::new))
+        })
+        .collect()
+}
+
+/// Names end up in metric labels and log fields: keep them plain.
+fn is_label_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn credential(
+    issues: &mut Issues,
+    key: &str,
+    name: String,
+    section: CredentialSection,
+    base_dir: &Path,
+) -> Option<Credential> {
+    let non_empty = |issues: &mut Issues, field: &str, value: &str| {
+        if value.trim().is_empty() {
+            issues.error(format!("{key}.{field}"), "must not be empty");
+            false
+        } else {
+            true
+        }
+    };
+    match section {
+        CredentialSection::RepositoryAccessToken { repository, token } => {
+            let scope = match repository.split_once('/') {
+                Some((ws, repo)) if !ws.is_empty() && !repo.is_empty() && !repo.contains('/') => {
+                    Some(Scope::Repository {
+                        workspace: ws.to_owned(),
+                        repository: repo.to_owned(),
+                    })
+                }
+                _ => {
+                    issues.error(
+                        format!("{key}.repository"),
+                        format!(
+                            "`{repository}` is not workspace/repository (valid: \"acme/widgets\")"
+                        ),
+                    );
+                    None
+                }
+            };
+            let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
+            Some(Credential::access_token(
+                name,
+                CredentialKind::RepositoryAccessToken,
+                scope?,
+                &token,
+            ))
+        }
+        CredentialSection::ProjectAccessToken {
+            workspace,
+            project,
+            token,
+        } => {
+            let ok =
+                non_empty(issues, "workspace", &workspace) & non_empty(issues, "project", &project);
+            let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
+            ok.then(|| {
+                Credential::access_token(
+                    name,
+                    CredentialKind::ProjectAccessToken,
+                    Scope::Project { workspace, project },
+                    &token,
+                )
+            })
+        }
+        CredentialSection::WorkspaceAccessToken { workspace, token } => {
+            let ok = non_empty(issues, "workspace", &workspace);
+            let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
+            ok.then(|| {
+                Credential::access_token(
+                    name,
+                    CredentialKind::WorkspaceAccessToken,
+                    Scope::Workspace { workspace },
+                    &token,
+                )
+            })
+        }
+        CredentialSection::ApiToken { email, token } => {
+            let mut ok = non_empty(issues, "email", &email);
+            if ok && !email.contains('@') {
+                issues.error(
+                    format!("{key}.email"),
+                    format!("`{email}` is not an email address: API tokens authenticate with the Atlassian account email, not the username"),
+                );
+                ok = false;
+            }
+            let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
+            ok.then(|| Credential::api_token(name, &email, &token))
+        }
+        CredentialSection::AppPassword { username, password } => {
+            let mut ok = non_empty(issues, "username", &username);
+            if ok && username.contains(':') {
+                issues.error(format!("{key}.username"), "must not contain ':'");
+                ok = false;
+            }
+            issues.warnings.push(format!(
+                "{key}: app passwords are no longer accepted by Bitbucket Cloud (removed 2026-07-28); \
+                 replace it with an API token (kind = \"api_token\") — this one works only with Bitbucket-compatible servers"
+            ));
+            let password = load_secret(issues, &format!("{key}.password"), &password, base_dir)?;
+            ok.then(|| Credential::app_password(name, &username, &password))
+        }
+    }
+}
+
+fn load_secret(
+    issues: &mut Issues,
+    key: &str,
+    spec: &SecretSpec,
+    base_dir: &Path,
+) -> Option<crate::secrets::Secret> {
+    let resolved;
+    let spec = match &spec.file {
+        Some(path) if path.is_relative() => {
+            resolved = SecretSpec {
+                file: Some(base_dir.join(path)),
+                env: None,
+                value: None,
+            };
+            &resolved
+        }
+        _ => spec,
+    };
+    match spec.load() {
+        Ok(secret) => {
+            if secret.source == SecretSource::Inline {
+                issues.warnings.push(format!(
+                    "{key}: the secret is written in the config file; prefer {{ env = \"VAR\" }} or {{ file = \"/path\" }}"
+                ));
+            }
+            Some(secret)
+        }
+        Err(error) => {
+            let missing_env = match &error {
+                SecretError::EnvMissing(var) => Some(var.clone()),
+                _ => None,
+            };
+            let hint = match &error {
+                SecretError::Ambiguous { .. } => {
+                    " (valid: { env = \"VAR\" }, { file = \"/path\" } or { value = \"...\" })"
+                }
+                SecretError::EnvMissing(_) => "; set it before starting the proxy",
+                _ => "",
+            };
+            issues.issues.push(ConfigIssue {
+                key: key.to_owned(),
+                message: format!("{error}{hint}"),
+                missing_env,
+            });
+            None
+        }
+    }
+}
+
+/// A prefix as configured: absolute, clean, without query, and without a trailing slash.
+fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
+    let why = if prefix.contains(['?', '#']) {
+        Some("must be a path only, without '?' or '#'".to_owned())
+    } else if prefix.len() > 1 && prefix.ends_with('/') {
+        Some(format!(
+            "must not end with '/' (write \"{}\")",
+            prefix.trim_end_matches('/')
+        ))
+    } else {
+        check_path(prefix).err().map(|e| {
+            let e = e.to_string();
+            e.strip_prefix("the path ").map(str::to_owned).unwrap_or(e)
+        })
+    };
+    match why {
+        Some(why) => {
+            issues.error(
+                key,
+                format!("`{prefix}` {why} (valid: \"/2.0/repositories/acme/widgets\")"),
+            );
+            false
+        }
+        None => true,
+    }
+}
+
+fn routes(
+    issues: &mut Issues,
+    sections: &[RouteSection],
+    credentials: &BTreeMap<String, Option<Arc<Credential>>>,
+) -> RouteTable {
+    let mut seen_prefixes = HashSet::new();
+    let mut routes = Vec::with_capacity(sections.len());
+    for (i, section) in sections.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let mut ok = check_prefix(issues, &format!("{key}.prefix"), &section.prefix);
+        if ok && !seen_prefixes.insert(section.prefix.clone()) {
+            issues.error(
+                format!("{key}.prefix"),
+                format!(
+                    "`{}` is already used by another route; prefixes must be unique",
+                    section.prefix
+                ),
+            );
+            ok = false;
+        }
+        let upstream = match section.upstream.as_deref() {
+            None | Some("api") => UpstreamKind::Api,
+            Some("git") => UpstreamKind::Git,
+            Some(other) => {
+                issues.error(
+                    format!("{key}.upstream"),
+                    format!("`{other}` is not an upstream (valid: \"api\", \"git\")"),
+                );
+                ok = false;
+                UpstreamKind::Api
+            }
+        };
+        let upstream_prefix = section
+            .upstream_prefix
+            .clone()
+            .unwrap_or_else(|| section.prefix.clone());
+        if section.upstream_prefix.is_some() {
+            ok &= check_prefix(issues, &format!("{key}.upstream_prefix"), &upstream_prefix);
+        }
+        let methods = section.methods.as_ref().map(|methods| {
+            if methods.is_empty() {
+                issues.error(format!("{key}.methods"), "must list at least one method, or be left out to allow every method");
+                ok = false;
+            }
+            methods
+                .iter()
+                .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(method) if method != Method::CONNECT => Some(method),
+                    _ => {
+                        issues.error(format!("{key}.methods"), format!("`{m}` is not an HTTP method the proxy forwards (valid: \"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\")"));
+                        ok = false;
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        let credential = match credentials.get(&section.credential) {
+            Some(Some(credential)) => Some(credential.clone()),
+            Some(None) => None, // its own errors are already reported
+            None => {
+                let defined: Vec<&str> = credentials.keys().map(String::as_str).collect();
+                issues.error(
+                    format!("{key}.credential"),
+                    format!(
+                        "`{}` is not a defined credential (defined: {})",
+                        section.credential,
+                        if defined.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            defined.join(", ")
+                        }
+                    ),
+                );
+                None
+            }
+        };
+        if let Some(credential) = &credential
+            && ok
+            && !credential.scope.covers(upstream, &upstream_prefix)
+        {
+            issues.error(
+                format!("{key}.credential"),
+                format!(
+                    "`{}` is a {} for {}, but this route forwards to `{upstream_prefix}` on the {upstream} upstream, outside that {}; \
+                     narrow the route's upstream_prefix to the {} or use a credential that covers it",
+                    credential.name,
+                    credential.kind,
+                    credential.scope,
+                    scope_noun(&credential.scope),
+                    scope_noun(&credential.scope),
+                ),
+            );
+            ok = false;
+        }
+        if let (true, Some(credential)) = (ok, credential) {
+            let allow_header = methods.as_ref().map(|methods| {
+                let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
+                HeaderValue::from_str(&list.join(", ")).expect("method names are valid header text")
+            });
+            routes.push(Arc::new(Route {
+                prefix: section.prefix.clone(),
+                upstream,
+                upstream_prefix,
+                credential,
+                methods,
+                allow_header,
+                rewrite_links: section.rewrite_links.unwrap_or(true),
+            }));
+        }
+    }
+    if sections.is_empty() {
+        issues.error(
+            "routes",
+            "no routes are defined; add at least one [[routes]] with a prefix and a credential",
+        );
+    }
+    RouteTable::new(routes)
+}
+
+fn scope_noun(scope: &Scope) -> &'static str {
+    match scope {
+        Scope::Repository { .. } => "repository",
+        Scope::Project { .. } | Scope::Workspace { .. } => "workspace",
+        Scope::Account => "account",
+    }
+}

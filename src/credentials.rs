@@ -1,0 +1,310 @@
+//! Credential kinds and the exact `Authorization` header each one needs (see FACTS.md).
+
+use std::fmt;
+
+use http::HeaderValue;
+
+use crate::secrets::{Secret, basic_auth_header, bearer_header};
+
+/// Which Bitbucket host a route forwards to; credentials authenticate differently on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamKind {
+    /// The REST API (`api.bitbucket.org`).
+    Api,
+    /// Git over HTTPS (`bitbucket.org`).
+    Git,
+}
+
+impl fmt::Display for UpstreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamKind::Api => "api",
+            UpstreamKind::Git => "git",
+        })
+    }
+}
+
+/// The `kind` key of a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    RepositoryAccessToken,
+    ProjectAccessToken,
+    WorkspaceAccessToken,
+    ApiToken,
+    AppPassword,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::RepositoryAccessToken => "repository_access_token",
+            CredentialKind::ProjectAccessToken => "project_access_token",
+            CredentialKind::WorkspaceAccessToken => "workspace_access_token",
+            CredentialKind::ApiToken => "api_token",
+            CredentialKind::AppPassword => "app_password",
+        }
+    }
+}
+
+impl fmt::Display for CredentialKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a credential can reach, judged from the shape of upstream paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Repository {
+        workspace: String,
+        repository: String,
+    },
+    Project {
+        workspace: String,
+        project: String,
+    },
+    Workspace {
+        workspace: String,
+    },
+    /// API tokens and app passwords act as a user: any path.
+    Account,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Repository {
+                workspace,
+                repository,
+            } => write!(f, "repository {workspace}/{repository}"),
+            Scope::Project { workspace, project } => {
+                write!(f, "project {project} in workspace {workspace}")
+            }
+            Scope::Workspace { workspace } => write!(f, "workspace {workspace}"),
+            Scope::Account => f.write_str("the account"),
+        }
+    }
+}
+
+impl Scope {
+    /// Whether every path under `upstream_prefix` on `upstream` stays inside this scope.
+    ///
+    /// Paths are judged by shape: `[/2.0]/repositories/{workspace}/{repo}`,
+    /// `[/2.0]/workspaces/{workspace}` for REST and `/{workspace}/{repo}[.git]` for git. The
+    /// `/2.0` segment is optional so Bitbucket-compatible mocks without it validate too.
+    pub fn covers(&self, upstream: UpstreamKind, upstream_prefix: &str) -> bool {
+        let segments: Vec<&str> = upstream_prefix
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        match (self, upstream) {
+            (Scope::Account, _) => true,
+            (
+                Scope::Repository {
+                    workspace,
+                    repository,
+                },
+                UpstreamKind::Api,
+            ) => match rest_resource(&segments) {
+                Some(("repositories", [ws, repo, ..])) => eq(ws, workspace) && eq(repo, repository),
+                _ => false,
+            },
+            (
+                Scope::Repository {
+                    workspace,
+                    repository,
+                },
+                UpstreamKind::Git,
+            ) => match segments.as_slice() {
+                [ws, repo, ..] => {
+                    eq(ws, workspace) && eq(repo.strip_suffix(".git").unwrap_or(repo), repository)
+                }
+                _ => false,
+            },
+            (
+                Scope::Workspace { workspace } | Scope::Project { workspace, .. },
+                UpstreamKind::Api,
+            ) => match rest_resource(&segments) {
+                Some(("repositories" | "workspaces", [ws, ..])) => eq(ws, workspace),
+                _ => false,
+            },
+            (
+                Scope::Workspace { workspace } | Scope::Project { workspace, .. },
+                UpstreamKind::Git,
+            ) => {
+                matches!(segments.as_slice(), [ws, ..] if eq(ws, workspace))
+            }
+        }
+    }
+}
+
+/// Splits `[2.0, ]collection, rest..` for the REST path shapes scopes are judged by.
+fn rest_resource<'a>(segments: &'a [&'a str]) -> Option<(&'a str, &'a [&'a str])> {
+    let segments = match segments {
+        ["2.0", rest @ ..] => rest,
+        other => other,
+    };
+    match segments {
+        [collection, rest @ ..] => Some((*collection, rest)),
+        [] => None,
+    }
+}
+
+/// A credential ready to use: the two header values are computed once at load time.
+pub struct Credential {
+    pub name: String,
+    pub kind: CredentialKind,
+    pub scope: Scope,
+    rest_authorization: HeaderValue,
+    git_authorization: HeaderValue,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The user name Bitbucket expects in git Basic auth for access tokens and OAuth tokens.
+const ACCESS_TOKEN_GIT_USER: &str = "x-token-auth";
+/// The user name Bitbucket accepts in git Basic auth for API tokens.
+const API_TOKEN_GIT_USER: &str = "x-bitbucket-api-token-auth";
+
+impl Credential {
+    /// Repository, project and workspace access tokens: Bearer for REST, `x-token-auth` for git.
+    pub fn access_token(name: String, kind: CredentialKind, scope: Scope, token: &Secret) -> Self {
+        Credential {
+            name,
+            kind,
+            scope,
+            rest_authorization: bearer_header(token),
+            git_authorization: basic_auth_header(ACCESS_TOKEN_GIT_USER, token),
+        }
+    }
+
+    /// API tokens: Basic with the account email for REST (Bearer is refused), and the dedicated
+    /// `x-bitbucket-api-token-auth` user for git.
+    pub fn api_token(name: String, email: &str, token: &Secret) -> Self {
+        Credential {
+            name,
+            kind: CredentialKind::ApiToken,
+            scope: Scope::Account,
+            rest_authorization: basic_auth_header(email, token),
+            git_authorization: basic_auth_header(API_TOKEN_GIT_USER, token),
+        }
+    }
+
+    /// Legacy app passwords: Basic with the Bitbucket username (not the email) everywhere.
+    pub fn app_password(name: String, username: &str, password: &Secret) -> Self {
+        let header = basic_auth_header(username, password);
+        Credential {
+            name,
+            kind: CredentialKind::AppPassword,
+            scope: Scope::Account,
+            rest_authorization: header.clone(),
+            git_authorization: header,
+        }
+    }
+
+    /// The precomputed, sensitive header for `upstream`; cloning it copies no secret bytes.
+    pub fn authorization(&self, upstream: UpstreamKind) -> &HeaderValue {
+        match upstream {
+            UpstreamKind::Api => &self.rest_authorization,
+            UpstreamKind::Git => &self.git_authorization,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn basic(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    #[test]
+    fn each_kind_builds_the_documented_headers() {
+        let token = Secret::from_runtime("T0K".into());
+        let repo = Credential::access_token(
+            "r".into(),
+            CredentialKind::RepositoryAccessToken,
+            Scope::Workspace {
+                workspace: "acme".into(),
+            },
+            &token,
+        );
+        assert_eq!(repo.authorization(UpstreamKind::Api), "Bearer T0K");
+        assert_eq!(
+            repo.authorization(UpstreamKind::Git).to_str().unwrap(),
+            basic("x-token-auth", "T0K")
+        );
+
+        let api = Credential::api_token("a".into(), "bot@acme.example", &token);
+        assert_eq!(
+            api.authorization(UpstreamKind::Api).to_str().unwrap(),
+            basic("bot@acme.example", "T0K")
+        );
+        assert_eq!(
+            api.authorization(UpstreamKind::Git).to_str().unwrap(),
+            basic("x-bitbucket-api-token-auth", "T0K")
+        );
+
+        let app = Credential::app_password("p".into(), "legacy-bot", &token);
+        assert_eq!(
+            app.authorization(UpstreamKind::Api).to_str().unwrap(),
+            basic("legacy-bot", "T0K")
+        );
+        assert_eq!(
+            app.authorization(UpstreamKind::Git).to_str().unwrap(),
+            basic("legacy-bot", "T0K")
+        );
+        assert!(app.authorization(UpstreamKind::Git).is_sensitive());
+        assert!(!format!("{app:?}").contains("T0K"));
+    }
+
+    #[test]
+    fn repository_scope_covers_only_its_repository() {
+        let scope = Scope::Repository {
+            workspace: "acme".into(),
+            repository: "widgets".into(),
+        };
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/acme/widgets"));
+        assert!(scope.covers(
+            UpstreamKind::Api,
+            "/2.0/repositories/acme/widgets/pullrequests"
+        ));
+        assert!(scope.covers(UpstreamKind::Api, "/repositories/acme/widgets"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories/acme/gadgets"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories/acme"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme"));
+        assert!(scope.covers(UpstreamKind::Git, "/acme/widgets.git"));
+        assert!(scope.covers(UpstreamKind::Git, "/acme/widgets"));
+        assert!(!scope.covers(UpstreamKind::Git, "/acme/gadgets.git"));
+        assert!(!scope.covers(UpstreamKind::Git, "/acme"));
+    }
+
+    #[test]
+    fn workspace_scope_covers_its_repositories_and_workspace() {
+        let scope = Scope::Workspace {
+            workspace: "acme".into(),
+        };
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/acme"));
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories/other"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/user"));
+        assert!(scope.covers(UpstreamKind::Git, "/acme/widgets.git"));
+        assert!(!scope.covers(UpstreamKind::Git, "/"));
+        assert!(Scope::Account.covers(UpstreamKind::Api, "/"));
+    }
+}

@@ -1,0 +1,278 @@
+//! Errors on the request path, each knowing who is at fault and how it reaches the client.
+
+use std::error::Error as StdError;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+
+use crate::body::{BodyIdleTimeout, BoxError, Direction, ProxyBody};
+use crate::path::PathError;
+
+/// Response header naming why the proxy itself answered.
+pub const REASON_HEADER: &str = "x-bitbucket-auth-proxy";
+
+/// Who caused a failure; decides the status class and how loudly it is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request was refused: 4xx.
+    Client,
+    /// Bitbucket (or the network to it) failed: 502/504.
+    Upstream,
+    /// A bug or resource problem in the proxy: 500.
+    Proxy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("client address {0} is not in server.allowed_clients")]
+    ClientNotAllowed(String),
+    #[error(
+        "this is not a forward proxy: only paths on this server are served (got a request for {0})"
+    )]
+    ForeignTarget(String),
+    #[error("CONNECT is not supported: this is not a forward proxy")]
+    ConnectRefused,
+    #[error("the request path is refused: {0}")]
+    BadPath(#[from] PathError),
+    #[error("no route matches this path")]
+    NoRoute,
+    #[error("method {method} is not allowed on routes under {prefix}")]
+    MethodNotAllowed {
+        method: Method,
+        prefix: String,
+        allow: Option<HeaderValue>,
+    },
+    #[error("the client stopped sending the request body: {0}")]
+    ClientBody(BoxError),
+    #[error("cannot reach the upstream: {0}")]
+    UpstreamUnreachable(String),
+    #[error("TLS with the upstream failed: {0}")]
+    UpstreamTls(String),
+    #[error("the upstream did not answer in time: {0}")]
+    UpstreamTimeout(String),
+}
+
+impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::ClientNotAllowed(_)
+            | ProxyError::ForeignTarget(_)
+            | ProxyError::ConnectRefused
+            | ProxyError::BadPath(_)
+            | ProxyError::NoRoute
+            | ProxyError::MethodNotAllowed { .. }
+            | ProxyError::ClientBody(_) => Fault::Client,
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTls(_)
+            | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::ForeignTarget(_) | ProxyError::BadPath(_) | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The value of the `x-bitbucket-auth-proxy` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::ClientNotAllowed(_) => "client-not-allowed",
+            ProxyError::ForeignTarget(_) => "bad-target",
+            ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
+                "method-not-allowed"
+            }
+            ProxyError::BadPath(_) => "bad-path",
+            ProxyError::NoRoute => "no-route",
+            ProxyError::ClientBody(_) => "client-body",
+            ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
+            ProxyError::UpstreamTls(_) => "upstream-tls",
+            ProxyError::UpstreamTimeout(_) => "upstream-timeout",
+        }
+    }
+
+    /// Short, stable text for the `message` field; `detail` carries the specifics.
+    fn message(&self) -> &'static str {
+        match self {
+            ProxyError::ClientNotAllowed(_) => "Client not allowed",
+            ProxyError::ForeignTarget(_) => "Not a forward proxy",
+            ProxyError::ConnectRefused => "CONNECT is not supported",
+            ProxyError::BadPath(_) => "Bad request path",
+            ProxyError::NoRoute => "No route for this path",
+            ProxyError::MethodNotAllowed { .. } => "Method not allowed",
+            ProxyError::ClientBody(_) => "Request body incomplete",
+            ProxyError::UpstreamUnreachable(_) => "Bitbucket is unreachable",
+            ProxyError::UpstreamTls(_) => "TLS handshake with Bitbucket failed",
+            ProxyError::UpstreamTimeout(_) => "Bitbucket did not answer in time",
+        }
+    }
+
+    /// The error as Bitbucket's own error shape, plus the reason header.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = error_json(self.message(), &self.to_string());
+        let mut response = Response::new(ProxyBody::local(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(REASON_HEADER, HeaderValue::from_static(self.reason()));
+        match self {
+            ProxyError::MethodNotAllowed {
+                allow: Some(allow), ..
+            } => {
+                headers.insert(header::ALLOW, allow);
+            }
+            ProxyError::ConnectRefused => {
+                headers.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+
+    /// Classifies a failure of the upstream client into who is at fault.
+    pub fn from_client_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+        if let Some(idle) = find_cause::<BodyIdleTimeout>(&error)
+            && idle.1 == Direction::Request
+        {
+            return ProxyError::ClientBody(Box::new(BodyIdleTimeout(idle.0, idle.1)));
+        }
+        if find_cause::<hyper::Error>(&error).is_some_and(|e| e.is_user()) {
+            // hyper reports a failing request body (the client went away mid-upload) as a user error.
+            return ProxyError::ClientBody(error_chain(&error).into());
+        }
+        if let Some(tls) = find_tls_error(&error) {
+            return ProxyError::UpstreamTls(tls);
+        }
+        if find_cause::<std::io::Error>(&error)
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return ProxyError::UpstreamTimeout(error_chain(&error));
+        }
+        ProxyError::UpstreamUnreachable(error_chain(&error))
+    }
+}
+
+/// `{"type":"error","error":{"message":...,"detail":...}}`, as Bitbucket writes errors.
+pub fn error_json(message: &str, detail: &str) -> Bytes {
+    let value = serde_json::json!({
+        "type": "error",
+        "error": { "message": message, "detail": detail },
+    });
+    Bytes::from(serde_json::to_vec(&value).expect("JSON values always serialise"))
+}
+
+fn find_cause<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        // io::Error::source skips the error it wraps; look inside explicitly.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && let Some(found) = find_cause::<T>(inner)
+        {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn find_tls_error(error: &(dyn StdError + 'static)) -> Option<String> {
+    find_cause::<rustls::Error>(error).map(|e| e.to_string())
+}
+
+/// `outer: inner: innermost`, so logs and error details carry the root cause.
+pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        current = e.source();
+        if current.is_none()
+            && let Some(inner) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+        {
+            let inner = inner.to_string();
+            if !text.contains(&inner) {
+                text.push_str(": ");
+                text.push_str(&inner);
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_use_bitbucket_shape_and_reason_header() {
+        let response = ProxyError::NoRoute.into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()[REASON_HEADER], "no-route");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["error"]["message"], "No route for this path");
+        assert!(json["error"]["detail"].is_string());
+    }
+
+    #[test]
+    fn status_follows_fault() {
+        let cases = [
+            (
+                ProxyError::ClientNotAllowed("10.0.0.1".into()),
+                403,
+                Fault::Client,
+            ),
+            (
+                ProxyError::BadPath(PathError::DotSegment),
+                400,
+                Fault::Client,
+            ),
+            (ProxyError::ConnectRefused, 405, Fault::Client),
+            (ProxyError::UpstreamTls("x".into()), 502, Fault::Upstream),
+            (
+                ProxyError::UpstreamUnreachable("x".into()),
+                502,
+                Fault::Upstream,
+            ),
+            (
+                ProxyError::UpstreamTimeout("x".into()),
+                504,
+                Fault::Upstream,
+            ),
+        ];
+        for (error, status, fault) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error}");
+            assert_eq!(error.fault(), fault, "{error}");
+        }
+    }
+}

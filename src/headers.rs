@@ -1,0 +1,164 @@
+//! Header hygiene in both directions: hop-by-hop headers, client secrets, internal addresses.
+
+use http::HeaderMap;
+use http::header::{self, HeaderName};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-auth pair: they describe one connection
+/// and must never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Client headers that must not reach Bitbucket: credentials the proxy replaces, the client's
+/// `Expect` (the proxy answers refusals before reading the body; hyper's client has no Expect
+/// logic), and forwarding headers that would reveal internal addresses.
+const CLIENT_ONLY: [HeaderName; 7] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::EXPECT,
+    header::HOST,
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// Removes every header named on any `Connection` line, then the fixed hop-by-hop set.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Prepares client headers for the upstream; the caller then inserts the credential.
+pub fn sanitize_request(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in &CLIENT_ONLY {
+        headers.remove(name);
+    }
+}
+
+/// Prepares upstream headers for the client. `Set-Cookie` is dropped: a session cookie issued
+/// to the proxy's credential would let a client act as that credential without the proxy.
+pub fn sanitize_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::SET_COOKIE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_connection_line_is_honoured() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Foo"),
+        );
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-bar"));
+        headers.insert("x-foo", HeaderValue::from_static("1"));
+        headers.insert("x-bar", HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("3"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        sanitize_request(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn client_credentials_and_addresses_never_pass() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "authorization",
+            "cookie",
+            "proxy-authorization",
+            "expect",
+            "host",
+            "x-forwarded-for",
+            "forwarded",
+        ] {
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static("v"));
+        }
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        sanitize_request(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [&header::ACCEPT]);
+    }
+
+    #[test]
+    fn responses_lose_cookies_and_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("session=1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        sanitize_response(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [&header::CONTENT_TYPE]);
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("connection".to_owned()),
+            Just("keep-alive".to_owned()),
+            Just("te".to_owned()),
+            Just("upgrade".to_owned()),
+            Just("authorization".to_owned()),
+            Just("cookie".to_owned()),
+            "[a-z][a-z0-9-]{0,12}",
+        ]
+    }
+
+    proptest! {
+        /// Whatever the client sends, nothing hop-by-hop, nothing listed in Connection, and no
+        /// client credential survives sanitising.
+        #[test]
+        fn no_hop_by_hop_header_survives(
+            headers in proptest::collection::vec((header_name(), "[ -~]{0,20}"), 0..16),
+            listed in proptest::collection::vec(header_name(), 0..4),
+        ) {
+            let mut map = HeaderMap::new();
+            for (name, value) in &headers {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                    map.append(n, v);
+                }
+            }
+            if !listed.is_empty() {
+                map.append(header::CONNECTION, HeaderValue::from_str(&listed.join(", ")).unwrap());
+            }
+            let connection_listed: Vec<HeaderName> = map.get_all(header::CONNECTION).iter()
+                .filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()).collect();
+            sanitize_request(&mut map);
+            for name in HOP_BY_HOP.iter().chain(CLIENT_ONLY.iter()).chain(connection_listed.iter()) {
+                prop_assert!(!map.contains_key(name), "{} survived", name);
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! bitbucket-auth-proxy: an HTTP server that injects Bitbucket Cloud credentials into requests
+//! from unauthenticated local clients and forwards them over TLS.
+//!
+//! The request path, in order: [`proxy::admit`] → [`proxy::route`] → [`proxy::authorize_method`]
+//! → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
+//! [`telemetry::AccessLogLayer`].
+
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod path;
+pub mod proxy;
+pub mod rewrite;
+pub mod routing;
+pub mod secrets;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;
+
+pub use config::Config;
+pub use listener::{RunningProxy, ShutdownOutcome, start};

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    bitbucket_auth_proxy::cli::main()
+}

@@ -1,0 +1,322 @@
+//! The forwarding service. A request passes these phases, in order, each a function that can be
+//! tested alone:
+//!
+//! 1. [`admit`] — is the TCP peer in `allowed_clients`?
+//! 2. [`check_target`] and [`route`] — a path on this server, safe, matching a route.
+//! 3. [`authorize_method`] — the route's `methods` list, before any body byte is read.
+//! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
+//! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
+//! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
+//! 7. Logging happens in [`crate::telemetry::AccessLogLayer`] around this service.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+
+use crate::body::{Direction, ProxyBody, TimedBody};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers;
+use crate::rewrite;
+use crate::routing::Route;
+use crate::state::{Generation, SharedState};
+use crate::telemetry::RequestBytes;
+
+/// What the proxy knows about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The TCP peer; `None` for unix sockets, whose peers are trusted by file permissions.
+    pub peer: Option<SocketAddr>,
+    /// The local address the connection was accepted on.
+    pub local: Option<SocketAddr>,
+}
+
+/// The route a request matched, left in response extensions for the access log.
+#[derive(Debug, Clone)]
+pub struct MatchedRoute(pub Arc<Route>);
+
+/// The tower service at the heart of the proxy; cheap to clone (one per connection).
+#[derive(Clone)]
+pub struct ProxyService {
+    state: Arc<SharedState>,
+    connection: Arc<ConnectionInfo>,
+}
+
+impl ProxyService {
+    pub fn new(state: Arc<SharedState>, connection: ConnectionInfo) -> Self {
+        ProxyService {
+            state,
+            connection: Arc::new(connection),
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        let connection = self.connection.clone();
+        Box::pin(async move { Ok(handle(&state, &connection, request).await) })
+    }
+}
+
+/// Runs the phases; every failure becomes a response in Bitbucket's error shape.
+pub async fn handle(
+    state: &SharedState,
+    connection: &ConnectionInfo,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    // A request keeps the generation it started with, even if a reload swaps config meanwhile.
+    let generation = state.current();
+    let mut matched: Option<Arc<Route>> = None;
+    let result = run_phases(&generation, connection, request, &mut matched).await;
+    let mut response = result.unwrap_or_else(|error| {
+        log_error(&error);
+        error.into_response()
+    });
+    if let Some(route) = matched {
+        response.extensions_mut().insert(MatchedRoute(route));
+    }
+    response
+}
+
+async fn run_phases(
+    generation: &Generation,
+    connection: &ConnectionInfo,
+    request: Request<Incoming>,
+    matched: &mut Option<Arc<Route>>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let config = &generation.config;
+    admit(config, connection)?;
+    check_target(config, connection, &request)?;
+    let route = route(config, request.uri().path())?;
+    *matched = Some(route.clone());
+    authorize_method(&route, request.method())?;
+    let client_host = client_origin_host(&request);
+    let upstream_request = inject_credential(config, &route, request)?;
+    let response = forward(generation, upstream_request).await?;
+    Ok(rewrite_response(
+        generation,
+        &route,
+        client_host.as_ref(),
+        response,
+    ))
+}
+
+/// Phase 1: only peers in `allowed_clients` are served. Unix-socket peers have no address and
+/// are admitted by the socket's file mode.
+pub fn admit(config: &Config, connection: &ConnectionInfo) -> Result<(), ProxyError> {
+    match connection.peer {
+        Some(peer)
+            if !config
+                .server
+                .allowed_clients
+                .iter()
+                .any(|net| net.contains(&peer.ip())) =>
+        {
+            Err(ProxyError::ClientNotAllowed(peer.ip().to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT.
+///
+/// HTTP/2 requests always carry `:authority` (the equivalent of `Host`), so only HTTP/1
+/// absolute-form targets are checked; the proxy never connects to a client-chosen host anyway.
+pub fn check_target<B>(
+    config: &Config,
+    connection: &ConnectionInfo,
+    request: &Request<B>,
+) -> Result<(), ProxyError> {
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectRefused);
+    }
+    let uri = request.uri();
+    match (uri.scheme(), uri.authority()) {
+        (None, None) => Ok(()),
+        (Some(_), Some(_)) if request.version() == Version::HTTP_2 => Ok(()),
+        (Some(_), Some(authority)) if is_self(config, connection, authority) => Ok(()),
+        (_, Some(authority)) => Err(ProxyError::ForeignTarget(authority.to_string())),
+        (_, None) => Err(ProxyError::ForeignTarget(uri.to_string())),
+    }
+}
+
+/// Whether an absolute-form authority names this proxy: a loopback name or the local address
+/// on the port the connection came in on, or the authority of `server.public_url`.
+fn is_self(config: &Config, connection: &ConnectionInfo, authority: &Authority) -> bool {
+    if let Some(public) = &config.server.public_url
+        && public
+            .authority
+            .as_str()
+            .eq_ignore_ascii_case(authority.as_str())
+    {
+        return true;
+    }
+    let Some(local) = connection.local else {
+        return false;
+    };
+    let port = authority.port_u16().unwrap_or(80);
+    if port != local.port() {
+        return false;
+    }
+    let host = authority.host();
+    crate::config::is_loopback_host(host)
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == local.ip())
+}
+
+/// Phase 2b: the path is safe and matches a route.
+pub fn route(config: &Config, path: &str) -> Result<Arc<Route>, ProxyError> {
+    config
+        .routes
+        .route(path)?
+        .cloned()
+        .ok_or(ProxyError::NoRoute)
+}
+
+/// Phase 3: the route's method list. Runs before the body is polled, so a client that sent
+/// `Expect: 100-continue` is refused without uploading anything.
+pub fn authorize_method(route: &Route, method: &Method) -> Result<(), ProxyError> {
+    if route.allows(method) {
+        Ok(())
+    } else {
+        Err(ProxyError::MethodNotAllowed {
+            method: method.clone(),
+            prefix: route.prefix.clone(),
+            allow: route.allow_header.clone(),
+        })
+    }
+}
+
+/// Phase 4: the upstream request. The URI is rebuilt from the upstream origin and the mapped
+/// path (the query passes byte-for-byte), `Host` goes so the client sets the upstream's,
+/// client credentials and hop-by-hop headers go, and the route's credential is inserted.
+pub fn inject_credential(
+    config: &Config,
+    route: &Route,
+    request: Request<Incoming>,
+) -> Result<Request<TimedBody<Incoming>>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let origin = config.upstream.origin(route.upstream);
+    let mut target = route.upstream_path(parts.uri.path());
+    if let Some(query) = parts.uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(target))
+        .map_err(|_| ProxyError::BadPath(crate::path::PathError::ControlCharacter))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(origin.scheme.clone());
+    uri.authority = Some(origin.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are all set");
+    // The pooled connection decides HTTP/1.1 or HTTP/2; hyper-util accepts 1.1 on both.
+    parts.version = Version::HTTP_11;
+    let counter = parts
+        .extensions
+        .remove::<RequestBytes>()
+        .map(|bytes| bytes.0);
+    parts.extensions = http::Extensions::new();
+    headers::sanitize_request(&mut parts.headers);
+    if route.rewrite_links {
+        rewrite::restrict_accept_encoding(&mut parts.headers);
+    }
+    parts.headers.insert(
+        header::AUTHORIZATION,
+        route.credential.authorization(route.upstream).clone(),
+    );
+    let body = TimedBody::new(
+        body,
+        config.upstream.idle_timeout,
+        Direction::Request,
+        counter,
+    );
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Phase 5: send upstream and wait for the response head, at most `upstream.timeout`.
+pub async fn forward(
+    generation: &Generation,
+    request: Request<TimedBody<Incoming>>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let timeout = generation.config.upstream.timeout;
+    match tokio::time::timeout(timeout, generation.client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) => Err(ProxyError::from_client_error(error)),
+        Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+            "no response headers within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+/// The `Host` the client used, for link rewriting when `server.public_url` is unset.
+fn client_origin_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    request.headers().get(header::HOST).cloned().or_else(|| {
+        request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+/// Phase 6: clean response headers, stream the body with an idle bound, and rewrite upstream
+/// URLs so clients that follow them come back through the proxy.
+pub fn rewrite_response(
+    generation: &Generation,
+    route: &Arc<Route>,
+    client_host: Option<&HeaderValue>,
+    response: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::sanitize_response(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let config = &generation.config;
+    let body = TimedBody::new(
+        body,
+        config.upstream.idle_timeout,
+        Direction::Response,
+        None,
+    );
+    let body = rewrite::rewrite(
+        config,
+        &generation.patterns,
+        route,
+        client_host,
+        &mut parts,
+        body,
+    );
+    Response::from_parts(parts, body)
+}
+
+fn log_error(error: &ProxyError) {
+    match error.fault() {
+        crate::error::Fault::Client => {
+            tracing::debug!(reason = error.reason(), %error, "request refused")
+        }
+        crate::error::Fault::Upstream => {
+            tracing::warn!(reason = error.reason(), %error, "upstream failed")
+        }
+        crate::error::Fault::Proxy => {
+            tracing::error!(reason = error.reason(), %error, "proxy failed")
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Response rewriting: absolute URLs that point at the upstream are pointed back at the proxy, so
+//! clients that follow `next`, `links.*.href`, `Location` or `Link` stay behind it.
+//!
+//! The body rewrite streams. [`LinkRewriter::process`] works chunk by chunk and carries over at
+//! most one unfinished URL (bounded by [`MAX_URL_TAIL`]) between chunks; nothing else is held.
+//!
+//! Compressed JSON is decoded on the fly and sent to the client as identity. Re-encoding would
+//! cost far more CPU than decoding (gzip level 6 compresses at a fraction of its decode speed)
+//! to save bytes on a loopback or local-network hop, and asking Bitbucket for identity instead
+//! would multiply the bytes on the slow internet hop. Codings the proxy cannot decode are
+//! filtered out of `Accept-Encoding` on rewriting routes, so they never arrive.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use bytes::{Bytes, BytesMut};
+use http::response::Parts;
+use http::{HeaderMap, HeaderValue, header};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::body::{BoxError, ProxyBody, TimedBody};
+use crate::config::{Config, Origin};
+use crate::credentials::UpstreamKind;
+use crate::routing::{Route, RouteTable};
+
+/// The longest URL path (after the origin) the rewriter waits for across chunks. Longer runs
+/// are passed through unchanged rather than buffered.
+pub const MAX_URL_TAIL: usize = 4096;
+/// Compressed input is fed to the decoder in slices this big, bounding what one slice can
+/// expand to (deflate's worst case is about 1000:1).
+const DECODE_SLICE: usize = 4096;
+
+/// The upstream origins to look for, compiled once per config generation.
+#[derive(Debug)]
+pub struct RewritePatterns {
+    /// Patterns for REST routes: the API origin, plain and JSON-escaped (`https:\/\/…`).
+    api: AhoCorasick,
+    /// Patterns for git routes: the API and git origins.
+    git: AhoCorasick,
+    /// Per pattern id (same order in both automatons' shared prefix): which upstream, escaped?
+    meta: Vec<(UpstreamKind, bool)>,
+    longest: usize,
+}
+
+impl RewritePatterns {
+    pub fn new(api: &Origin, git: &Origin) -> Self {
+        let escaped = |o: &Origin| o.text.replace('/', "\\/");
+        let patterns = [
+            api.text.clone(),
+            escaped(api),
+            git.text.clone(),
+            escaped(git),
+        ];
+        let meta = vec![
+            (UpstreamKind::Api, false),
+            (UpstreamKind::Api, true),
+            (UpstreamKind::Git, false),
+            (UpstreamKind::Git, true),
+        ];
+        let build = |pats: &[String]| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(pats)
+                .expect("origin patterns are small literals")
+        };
+        RewritePatterns {
+            api: build(&patterns[..2]),
+            git: build(&patterns),
+            longest: patterns.iter().map(String::len).max().unwrap_or(0),
+            meta,
+        }
+    }
+}
+
+/// Whether the client's `Accept-Encoding` needs narrowing to codings the rewriter can decode.
+pub fn restrict_accept_encoding(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(header::ACCEPT_ENCODING) else {
+        return;
+    };
+    let Ok(text) = value.to_str() else {
+        headers.remove(header::ACCEPT_ENCODING);
+        return;
+    };
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| {
+            let coding = item.split(';').next().unwrap_or("").trim();
+            Decoder::supports(coding) || coding.eq_ignore_ascii_case("identity")
+        })
+        .collect();
+    if kept.len() == text.split(',').count() {
+        return;
+    }
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(v) if !kept.is_empty() => {
+            headers.insert(header::ACCEPT_ENCODING, v);
+        }
+        _ => {
+            headers.remove(header::ACCEPT_ENCODING);
+        }
+    }
+}
+
+/// Rewrites `Location`, `Link` and (for JSON) the body of an upstream response.
+pub fn rewrite(
+    config: &Arc<Config>,
+    patterns: &Arc<RewritePatterns>,
+    route: &Arc<Route>,
+    client_host: Option<&HeaderValue>,
+    parts: &mut Parts,
+    body: TimedBody<hyper::body::Incoming>,
+) -> ProxyBody {
+    if !route.rewrite_links {
+        return ProxyBody::Upstream { body };
+    }
+    let Some(proxy_origin) = proxy_origin(config, client_host) else {
+        return ProxyBody::Upstream { body };
+    };
+    let rewriter = LinkRewriter {
+        config: config.clone(),
+        patterns: patterns.clone(),
+        route: route.clone(),
+        proxy_origin,
+        carry: Vec::new(),
+    };
+    rewrite_headers(&rewriter, &mut parts.headers);
+
+    if body.is_end_stream() || !is_json(&parts.headers) {
+        return ProxyBody::Upstream { body };
+    }
+    let decoder = match parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .map(HeaderValue::to_str)
+    {
+        None => None,
+        Some(Ok(coding)) => match Decoder::for_coding(coding.trim()) {
+            Some(decoder) => Some(decoder),
+            None if coding.trim().eq_ignore_ascii_case("identity") => None,
+            // An encoding the proxy cannot read: pass the body on untouched.
+            None => return ProxyBody::Upstream { body },
+        },
+        Some(Err(_)) => return ProxyBody::Upstream { body },
+    };
+    if decoder.is_some() {
+        parts.headers.remove(header::CONTENT_ENCODING);
+    }
+    // The length changes with every rewritten URL; framing falls back to chunked / h2 frames.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    ProxyBody::Rewritten {
+        body: RewriteBody {
+            inner: body,
+            rewriter,
+            decoder,
+            pending: Bytes::new(),
+            trailers: None,
+            done: false,
+        },
+    }
+}
+
+/// `server.public_url`, else `http://` + the request's `Host` when it is a plain authority.
+fn proxy_origin(config: &Config, client_host: Option<&HeaderValue>) -> Option<Bytes> {
+    if let Some(public) = &config.server.public_url {
+        return Some(Bytes::from(public.text.clone()));
+    }
+    let host = client_host?.to_str().ok()?;
+    // The Host goes into JSON and headers verbatim: only a well-formed authority is used.
+    let authority: http::uri::Authority = host.parse().ok()?;
+    let plain = authority
+        .as_str()
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    plain.then(|| Bytes::from(format!("http://{authority}")))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim();
+            mime.eq_ignore_ascii_case("application/json")
+                || (mime.len() > 5 && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
+        })
+        .unwrap_or(false)
+}
+
+fn rewrite_headers(rewriter: &LinkRewriter, headers: &mut HeaderMap) {
+    for name in [header::LOCATION, header::LINK, header::CONTENT_LOCATION] {
+        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        if values.is_empty() {
+            continue;
+        }
+        headers.remove(&name);
+        for value in values {
+            let rewritten = rewriter.rewrite_header(&name, value.as_bytes());
+            let value = HeaderValue::from_maybe_shared(rewritten).unwrap_or(value);
+            headers.append(&name, value);
+        }
+    }
+}
+
+/// The streaming URL rewriter for one response.
+pub struct LinkRewriter {
+    config: Arc<Config>,
+    patterns: Arc<RewritePatterns>,
+    route: Arc<Route>,
+    proxy_origin: Bytes,
+    /// An unfinished match (or a possible start of one) from the previous chunk.
+    carry: Vec<u8>,
+}
+
+/// What follows an origin match.
+enum Tail {
+    /// The URL ends `len` bytes after the origin; `path` is its unescaped path.
+    Complete { len: usize, path: Vec<u8> },
+    /// The input ended before the URL did.
+    NeedMore,
+    /// Not a URL of that origin (`https://api.bitbucket.org.evil.example`), or too long.
+    NotOurs,
+}
+
+impl LinkRewriter {
+    fn automaton(&self) -> &AhoCorasick {
+        match self.route.upstream {
+            UpstreamKind::Api => &self.patterns.api,
+            UpstreamKind::Git => &self.patterns.git,
+        }
+    }
+
+    /// Rewrites the next piece of a body. With `last`, everything carried is flushed.
+    pub fn process(&mut self, input: &[u8], last: bool) -> Bytes {
+        let owned;
+        let buf: &[u8] = if self.carry.is_empty() {
+            input
+        } else {
+            self.carry.extend_from_slice(input);
+            owned = std::mem::take(&mut self.carry);
+            &owned
+        };
+        let mut out = BytesMut::with_capacity(buf.len() + 64);
+        let mut pos = 0;
+        let automaton = self.automaton().clone();
+        for found in automaton.find_iter(buf) {
+            if found.start() < pos {
+                continue;
+            }
+            let (upstream, escaped) = self.patterns.meta[found.pattern().as_usize()];
+            match parse_tail(&buf[found.end()..], escaped, last) {
+                Tail::Complete { len, path } => {
+                    out.extend_from_slice(&buf[pos..found.start()]);
+                    self.write_url(&mut out, upstream, escaped, &path);
+                    pos = found.end() + len;
+                }
+                Tail::NotOurs => {}
+                Tail::NeedMore => {
+                    out.extend_from_slice(&buf[pos..found.start()]);
+                    self.carry.extend_from_slice(&buf[found.start()..]);
+                    return out.freeze();
+                }
+            }
+        }
+        // Keep a tail that could be the start of an origin split across chunks.
+        let keep = if last {
+            0
+        } else {
+            (buf.len() - pos).min(self.patterns.longest.saturating_sub(1))
+        };
+        out.extend_from_slice(&buf[pos..buf.len() - keep]);
+        self.carry.extend_from_slice(&buf[buf.len() - keep..]);
+        out.freeze()
+    }
+
+    fn write_url(&self, out: &mut BytesMut, upstream: UpstreamKind, escaped: bool, path: &[u8]) {
+        let mapped = self.map_path(upstream, path);
+        if escaped {
+            push_escaped(out, &self.proxy_origin);
+            push_escaped(out, &mapped);
+        } else {
+            out.extend_from_slice(&self.proxy_origin);
+            out.extend_from_slice(&mapped);
+        }
+    }
+
+    /// The inverse of the route table: the request's own route first, then the longest
+    /// `upstream_prefix`; an uncovered path is kept (the client then gets the proxy's 404).
+    fn map_path(&self, upstream: UpstreamKind, path: &[u8]) -> Vec<u8> {
+        let Ok(text) = std::str::from_utf8(path) else {
+            return path.to_vec();
+        };
+        match self
+            .config
+            .routes
+            .local_path_for(upstream, text, Some(&self.route))
+        {
+            Some((route, strip)) => {
+                let mut mapped = RouteTable::local_base(route).as_bytes().to_vec();
+                mapped.extend_from_slice(&path[strip..]);
+                if mapped.is_empty() {
+                    mapped.push(b'/');
+                }
+                mapped
+            }
+            None => path.to_vec(),
+        }
+    }
+
+    fn rewrite_header(&self, name: &header::HeaderName, value: &[u8]) -> Bytes {
+        // Relative redirects are resolved against the proxy by the client: map their path too.
+        if *name == header::LOCATION && value.starts_with(b"/") && !value.starts_with(b"//") {
+            let end = value
+                .iter()
+                .position(|&b| b == b'?' || b == b'#')
+                .unwrap_or(value.len());
+            let mut out = self.map_path(self.route.upstream, &value[..end]);
+            out.extend_from_slice(&value[end..]);
+            return Bytes::from(out);
+        }
+        let mut once = LinkRewriter {
+            config: self.config.clone(),
+            patterns: self.patterns.clone(),
+            route: self.route.clone(),
+            proxy_origin: self.proxy_origin.clone(),
+            carry: Vec::new(),
+        };
+        once.process(value, true)
+    }
+}
+
+fn push_escaped(out: &mut BytesMut, text: &[u8]) {
+    for &b in text {
+        if b == b'/' {
+            out.extend_from_slice(b"\\/");
+        } else {
+            out.extend_from_slice(&[b]);
+        }
+    }
+}
+
+/// Reads the path that follows an origin, up to the query, fragment or end of the URL.
+fn parse_tail(input: &[u8], escaped: bool, last: bool) -> Tail {
+    let mut path = Vec::new();
+    let mut i = 0;
+    loop {
+        if i > MAX_URL_TAIL {
+            return Tail::NotOurs;
+        }
+        let Some(&b) = input.get(i) else {
+            return if last {
+                Tail::Complete { len: i, path }
+            } else {
+                Tail::NeedMore
+            };
+        };
+        // Right after the origin, only '/' or the end of the URL may follow.
+        if i == 0 && is_host_char(b) {
+            return Tail::NotOurs;
+        }
+        match b {
+            b'/' => {
+                path.push(b'/');
+                i += 1;
+            }
+            b'\\' if escaped => match input.get(i + 1) {
+                Some(b'/') => {
+                    path.push(b'/');
+                    i += 2;
+                }
+                None if !last => return Tail::NeedMore,
+                _ => return Tail::Complete { len: i, path },
+            },
+            b if i > 0 && is_path_char(b) => {
+                path.push(b);
+                i += 1;
+            }
+            _ => return Tail::Complete { len: i, path },
+        }
+    }
+}
+
+/// Bytes that would continue a host name or port (so the match was a longer host).
+fn is_host_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'@')
+}
+
+/// RFC 3986 `pchar` without the sub-delimiters that end URLs in prose and headers.
+fn is_path_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'+'
+                | b'='
+                | b':'
+                | b'@'
+                | b'{'
+                | b'}'
+                | b'*'
+        )
+}
+
+/// Streaming decoders for the codings Bitbucket uses.
+enum Decoder {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
+}
+
+impl Decoder {
+    fn supports(coding: &str) -> bool {
+        ["gzip", "x-gzip", "deflate", "br"]
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(coding))
+    }
+
+    fn for_coding(coding: &str) -> Option<Decoder> {
+        let lower = coding.to_ascii_lowercase();
+        match lower.as_str() {
+            "gzip" | "x-gzip" => Some(Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new()))),
+            "deflate" => Some(Decoder::Deflate(
+                flate2::write::ZlibDecoder::new(Vec::new()),
+            )),
+            "br" => Some(Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Vec::new(), DECODE_SLICE),
+            ))),
+            _ => None,
+        }
+    }
+
+    fn feed(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Decoder::Gzip(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Brotli(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Decoder::Gzip(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Brotli(d) => {
+                d.flush()?;
+                d.close()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A JSON body with upstream URLs rewritten on the fly.
+    pub struct RewriteBody<B> {
+        #[pin]
+        inner: B,
+        rewriter: LinkRewriter,
+        decoder: Option<Decoder>,
+        // Compressed input not yet fed to the decoder.
+        pending: Bytes,
+        trailers: Option<HeaderMap>,
+        done: bool,
+    }
+}
+
+impl<B> Body for RewriteBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            if *this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            if !this.pending.is_empty() {
+                let slice = this.pending.split_to(this.pending.len().min(DECODE_SLICE));
+                let decoder = this
+                    .decoder
+                    .as_mut()
+                    .expect("pending input only exists with a decoder");
+                let decoded = decoder.feed(&slice).map_err(decode_error)?;
+                let out = this.rewriter.process(&decoded, false);
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                continue;
+            }
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if this.decoder.is_some() {
+                            *this.pending = data;
+                            continue;
+                        }
+                        let out = this.rewriter.process(&data, false);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => {
+                        *this.trailers = frame.into_trailers().ok();
+                        return finish(this.rewriter, this.decoder, this.done);
+                    }
+                },
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => return finish(this.rewriter, this.decoder, this.done),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+fn finish(
+    rewriter: &mut LinkRewriter,
+    decoder: &mut Option<Decoder>,
+    done: &mut bool,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    *done = true;
+    let tail = match decoder.as_mut() {
+        Some(decoder) => match decoder.finish() {
+            Ok(tail) => tail,
+            Err(e) => return Poll::Ready(Some(Err(decode_error(e)))),
+        },
+        None => Vec::new(),
+    };
+    let out = rewriter.process(&tail, true);
+    if out.is_empty() {
+        Poll::Ready(None)
+    } else {
+        Poll::Ready(Some(Ok(Frame::data(out))))
+    }
+}
+
+/// A body that fails to decode is an upstream fault: the transfer is aborted, never truncated
+/// into something that looks complete.
+fn decode_error(error: std::io::Error) -> BoxError {
+    format!("cannot decode the upstream's compressed body: {error}").into()
+}
+
+#[cfg(test)]
+mod tests;

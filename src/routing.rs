@@ -1,0 +1,275 @@
+//! The route table: which credential and upstream path a request path maps to.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+
+use crate::credentials::{Credential, UpstreamKind};
+use crate::path::{self, PathError};
+
+/// One `[[routes]]` entry, validated.
+#[derive(Debug)]
+pub struct Route {
+    /// The local prefix as configured (`/` or without a trailing slash).
+    pub prefix: String,
+    pub upstream: UpstreamKind,
+    /// The upstream prefix as configured (`/` or without a trailing slash).
+    pub upstream_prefix: String,
+    pub credential: Arc<Credential>,
+    /// `None` allows every method.
+    pub methods: Option<Vec<Method>>,
+    /// The `Allow` header for a 405, computed once.
+    pub allow_header: Option<HeaderValue>,
+    /// Whether responses get their upstream URLs rewritten to point back at the proxy.
+    pub rewrite_links: bool,
+}
+
+impl Route {
+    /// `prefix` without its trailing `/`, so `/` matches everything by the segment rule.
+    fn match_prefix(&self) -> &str {
+        self.prefix.trim_end_matches('/')
+    }
+
+    fn upstream_base(&self) -> &str {
+        self.upstream_prefix.trim_end_matches('/')
+    }
+
+    pub fn allows(&self, method: &Method) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+    }
+
+    /// The upstream path for a request path this route matched.
+    pub fn upstream_path(&self, request_path: &str) -> String {
+        let rest = &request_path[self.match_prefix().len()..];
+        let base = self.upstream_base();
+        let mut out = String::with_capacity(base.len() + rest.len() + 1);
+        out.push_str(base);
+        out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+}
+
+/// Whether `prefix` (without trailing slash) covers `path` on a whole-segment boundary.
+pub fn segment_prefix_matches(prefix: &[u8], path: &[u8]) -> bool {
+    path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/'))
+}
+
+/// Routes ordered longest prefix first, so the first match is the longest.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
+        routes.sort_by(|a, b| {
+            b.match_prefix()
+                .len()
+                .cmp(&a.match_prefix().len())
+                .then_with(|| a.prefix.cmp(&b.prefix))
+        });
+        RouteTable { routes }
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    fn longest_match(&self, path: &[u8]) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|route| segment_prefix_matches(route.match_prefix().as_bytes(), path))
+    }
+
+    /// Finds the route for a raw request path after checking the path is safe to forward.
+    ///
+    /// A path whose percent-decoded form would pick a different route is refused: otherwise
+    /// `/2.0/repositories/acme/%77idgets` could slip past a narrower route's method list.
+    pub fn route(&self, raw_path: &str) -> Result<Option<&Arc<Route>>, PathError> {
+        path::check_path(raw_path)?;
+        let found = self.longest_match(raw_path.as_bytes());
+        if let Some(decoded) = path::decoded_for_routing(raw_path) {
+            let decoded_match = self.longest_match(&decoded);
+            let same = match (found, decoded_match) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return Err(PathError::AmbiguousEncoding);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Maps an upstream path back to the local path a client should use, for link rewriting:
+    /// `preferred` first, then the longest `upstream_prefix` on the same upstream.
+    pub fn local_path_for<'a>(
+        &'a self,
+        upstream: UpstreamKind,
+        upstream_path: &str,
+        preferred: Option<&'a Route>,
+    ) -> Option<(&'a Route, usize)> {
+        let covers = |route: &Route| {
+            route.upstream == upstream
+                && segment_prefix_matches(
+                    route.upstream_base().as_bytes(),
+                    upstream_path.as_bytes(),
+                )
+        };
+        if let Some(route) = preferred.filter(|r| covers(r)) {
+            return Some((route, route.upstream_base().len()));
+        }
+        self.routes
+            .iter()
+            .filter(|r| covers(r))
+            .max_by_key(|r| r.upstream_base().len())
+            .map(|r| (r.as_ref(), r.upstream_base().len()))
+    }
+
+    /// The local prefix to write in place of `route`'s upstream prefix (empty for `/`).
+    pub fn local_base(route: &Route) -> &str {
+        route.match_prefix()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::credentials::{CredentialKind, Scope};
+    use crate::secrets::Secret;
+
+    pub(crate) fn route(
+        prefix: &str,
+        upstream_prefix: &str,
+        methods: Option<&[Method]>,
+    ) -> Arc<Route> {
+        let credential = Arc::new(Credential::access_token(
+            format!("cred{prefix}"),
+            CredentialKind::WorkspaceAccessToken,
+            Scope::Account,
+            &Secret::from_runtime("t".into()),
+        ));
+        Arc::new(Route {
+            prefix: prefix.into(),
+            upstream: UpstreamKind::Api,
+            upstream_prefix: upstream_prefix.into(),
+            credential,
+            methods: methods.map(<[Method]>::to_vec),
+            allow_header: None,
+            rewrite_links: true,
+        })
+    }
+
+    pub(crate) fn table() -> RouteTable {
+        RouteTable::new(vec![
+            route("/2.0/repositories/acme", "/2.0/repositories/acme", None),
+            route(
+                "/2.0/repositories/acme/widgets",
+                "/2.0/repositories/acme/widgets",
+                Some(&[Method::GET]),
+            ),
+            route("/release", "/2.0/repositories/acme", None),
+        ])
+    }
+
+    fn prefix_of(table: &RouteTable, path: &str) -> Option<String> {
+        table.route(path).unwrap().map(|r| r.prefix.clone())
+    }
+
+    #[test]
+    fn longest_whole_segment_prefix_wins() {
+        let table = table();
+        assert_eq!(
+            prefix_of(&table, "/2.0/repositories/acme/widgets/pullrequests").as_deref(),
+            Some("/2.0/repositories/acme/widgets")
+        );
+        assert_eq!(
+            prefix_of(&table, "/2.0/repositories/acme/widgets").as_deref(),
+            Some("/2.0/repositories/acme/widgets")
+        );
+        assert_eq!(
+            prefix_of(&table, "/2.0/repositories/acme/widgets-evil").as_deref(),
+            Some("/2.0/repositories/acme")
+        );
+        assert_eq!(prefix_of(&table, "/2.0/repositories/acmex"), None);
+        assert_eq!(prefix_of(&table, "/2.0/Repositories/acme"), None);
+        assert_eq!(prefix_of(&table, "/releases"), None);
+    }
+
+    #[test]
+    fn alias_maps_to_upstream_prefix() {
+        let table = table();
+        let route = table
+            .route("/release/widgets/pullrequests")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            route.upstream_path("/release/widgets/pullrequests"),
+            "/2.0/repositories/acme/widgets/pullrequests"
+        );
+        assert_eq!(route.upstream_path("/release"), "/2.0/repositories/acme");
+        assert_eq!(route.upstream_path("/release/"), "/2.0/repositories/acme/");
+    }
+
+    #[test]
+    fn root_routes_map_cleanly() {
+        let root = route("/", "/", None);
+        assert_eq!(root.upstream_path("/"), "/");
+        assert_eq!(root.upstream_path("/2.0/user"), "/2.0/user");
+        let under = route("/", "/2.0", None);
+        assert_eq!(under.upstream_path("/user"), "/2.0/user");
+        assert_eq!(under.upstream_path("/"), "/2.0/");
+    }
+
+    #[test]
+    fn encoding_that_changes_the_route_is_refused() {
+        let table = table();
+        assert_eq!(
+            table.route("/2.0/repositories/acme/%77idgets").unwrap_err(),
+            PathError::AmbiguousEncoding
+        );
+        assert_eq!(
+            table.route("/2.0/repositories/acme%2Fwidgets").unwrap_err(),
+            PathError::AmbiguousEncoding
+        );
+        assert!(
+            table
+                .route("/2.0/repositories/acme/widgets/refs/branches/feature%2Ffoo")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn reverse_mapping_prefers_the_request_route() {
+        let table = table();
+        let release = table.route("/release").unwrap().unwrap().clone();
+        let (route, len) = table
+            .local_path_for(
+                UpstreamKind::Api,
+                "/2.0/repositories/acme/widgets/pullrequests",
+                Some(&release),
+            )
+            .unwrap();
+        assert_eq!(route.prefix, "/release");
+        assert_eq!(len, "/2.0/repositories/acme".len());
+        let (route, _) = table
+            .local_path_for(
+                UpstreamKind::Api,
+                "/2.0/repositories/acme/widgets/pullrequests",
+                None,
+            )
+            .unwrap();
+        assert_eq!(route.prefix, "/2.0/repositories/acme/widgets");
+        assert!(
+            table
+                .local_path_for(UpstreamKind::Api, "/2.0/user", None)
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,75 @@
+//! The live configuration, swapped atomically on reload; requests keep the one they started with.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::rewrite::RewritePatterns;
+use crate::upstream::{UpstreamClient, build_client};
+
+/// Everything derived from one successfully loaded config.
+pub struct Generation {
+    /// Counts loads: 1 at start-up, +1 per successful reload.
+    pub number: u64,
+    pub config: Arc<Config>,
+    pub client: UpstreamClient,
+    pub patterns: Arc<RewritePatterns>,
+}
+
+impl Generation {
+    fn new(number: u64, config: Config, previous: Option<&Generation>) -> Self {
+        // Keep the connection pool across reloads unless the way upstream is reached changed.
+        let client = match previous {
+            Some(prev) if prev.config.upstream == config.upstream => prev.client.clone(),
+            _ => build_client(&config.upstream),
+        };
+        let patterns = Arc::new(RewritePatterns::new(
+            &config.upstream.api,
+            &config.upstream.git,
+        ));
+        Generation {
+            number,
+            config: Arc::new(config),
+            client,
+            patterns,
+        }
+    }
+}
+
+/// Shared by every connection.
+pub struct SharedState {
+    current: ArcSwap<Generation>,
+    draining: AtomicBool,
+}
+
+impl SharedState {
+    pub fn new(config: Config) -> Self {
+        SharedState {
+            current: ArcSwap::from_pointee(Generation::new(1, config, None)),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Installs a validated config as the next generation and returns its number.
+    pub fn install(&self, config: Config) -> u64 {
+        let previous = self.current();
+        let next = Generation::new(previous.number + 1, config, Some(&previous));
+        let number = next.number;
+        self.current.store(Arc::new(next));
+        number
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}

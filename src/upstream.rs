@@ -1,0 +1,114 @@
+//! The pooled TLS client that talks to Bitbucket.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::body::UpstreamRequestBody;
+use crate::config::UpstreamSettings;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+
+/// How long an unused pooled connection is kept. Bitbucket's edge closes idle connections on its
+/// own schedule; a stale pooled connection is retried by the client, so this only bounds sockets.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// HTTP/2 PINGs keep a quiet pooled connection known-alive through NATs and egress proxies.
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {path}: {reason} (expected a PEM file of CA certificates)")]
+    Unreadable { path: String, reason: String },
+    #[error(
+        "{path} holds no PEM certificate (expected one or more -----BEGIN CERTIFICATE----- blocks)"
+    )]
+    NoCertificates { path: String },
+    #[error("{path}: certificate {index} is not usable as a trust root: {reason}")]
+    Rejected {
+        path: String,
+        index: usize,
+        reason: String,
+    },
+}
+
+/// Reads every certificate in a PEM file and checks each one can serve as a trust anchor.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+    let display = path.display().to_string();
+    let unreadable = |reason: String| CaFileError::Unreadable {
+        path: display.clone(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CaFileError::NoCertificates { path: display });
+    }
+    for (index, cert) in certs.iter().enumerate() {
+        webpki_anchor_check(cert).map_err(|reason| CaFileError::Rejected {
+            path: display.clone(),
+            index: index + 1,
+            reason,
+        })?;
+    }
+    Ok(certs)
+}
+
+fn webpki_anchor_check(cert: &CertificateDer<'_>) -> Result<(), String> {
+    let mut store = RootCertStore::empty();
+    store.add(cert.clone()).map_err(|e| e.to_string())
+}
+
+/// Built-in web roots plus the configured extra roots.
+fn root_store(settings: &UpstreamSettings) -> RootCertStore {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in &settings.extra_roots {
+        // Each was checked when the config was validated.
+        let _ = roots.add(cert.clone());
+    }
+    roots
+}
+
+pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(root_store(settings))
+        .with_no_client_auth()
+}
+
+/// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN,
+/// HTTP/1.1 otherwise. Certificates are always verified; there is no switch to turn that off.
+pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    // The scheme is enforced by config validation (https, or http on loopback only).
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(TCP_KEEPALIVE));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(settings))
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .http2_keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+        .http2_adaptive_window(true)
+        .build(https)
+}
