@@ -1,1 +1,334 @@
+use std::path::Path;
 
+use super::*;
+use crate::credentials::CredentialKind;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(Path::new("/etc/bbap/test.toml"), text)
+}
+
+fn messages(text: &str) -> Vec<String> {
+    let error = load(text).expect_err("config should be refused");
+    error.to_string().lines().map(str::to_owned).collect()
+}
+
+const VALID: &str = r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "acme/widgets"
+token = { value = "repo-token" }
+
+[credentials.release-bot]
+kind = "api_token"
+email = "release-bot@acme.example"
+token = { value = "api-token" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+methods = ["get", "HEAD"]
+
+[[routes]]
+prefix = "/release"
+upstream_prefix = "/2.0/repositories/acme"
+credential = "release-bot"
+
+[[routes]]
+prefix = "/git/acme/widgets.git"
+upstream = "git"
+upstream_prefix = "/acme/widgets.git"
+credential = "widgets-ci"
+"#;
+
+#[test]
+fn valid_config_has_defaults_and_routes() {
+    let config = load(VALID).unwrap();
+    assert_eq!(config.upstream.api.text, "https://api.bitbucket.org");
+    assert_eq!(config.upstream.git.text, "https://bitbucket.org");
+    assert_eq!(config.upstream.timeout, DEFAULT_TIMEOUT);
+    assert_eq!(config.server.allowed_clients.len(), 2);
+    assert_eq!(config.routes.routes().len(), 3);
+    let widgets = config
+        .routes
+        .route("/2.0/repositories/acme/widgets/src")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        widgets.methods.as_deref(),
+        Some(&[http::Method::GET, http::Method::HEAD][..])
+    );
+    assert_eq!(widgets.allow_header.as_ref().unwrap(), "GET, HEAD");
+    assert_eq!(
+        widgets.credential.kind,
+        CredentialKind::RepositoryAccessToken
+    );
+    // Two inline secrets, each warned about.
+    assert_eq!(
+        config
+            .warnings
+            .iter()
+            .filter(|w| w.contains("written in the config file"))
+            .count(),
+        2
+    );
+    let table = describe_routes(&config);
+    let release_row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("/release"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        release_row,
+        [
+            "/release",
+            "https://api.bitbucket.org/2.0/repositories/acme",
+            "release-bot",
+            "api_token",
+            "any"
+        ]
+    );
+    assert!(!table.contains("repo-token") && !table.contains("api-token"));
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let text = VALID.replace("methods = [\"get\", \"HEAD\"]", "method = [\"GET\"]");
+    let lines = messages(&text);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("/etc/bbap/test.toml"), "{lines:?}");
+    assert!(lines[0].contains("line 18"), "{lines:?}");
+    assert!(lines[0].contains("unknown field `method`"), "{lines:?}");
+}
+
+#[test]
+fn unknown_credential_kind_lists_valid_kinds() {
+    let lines = messages(
+        r#"
+[credentials.x]
+kind = "bearer"
+token = { value = "t" }
+"#,
+    );
+    assert!(lines[0].contains("unknown variant `bearer`"), "{lines:?}");
+    assert!(lines[0].contains("api_token"), "{lines:?}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let lines = messages(
+        r#"
+[server]
+listen = ["localhost"]
+allowed_clients = ["10.0.0.0/33"]
+public_url = "ftp://proxy"
+
+[upstream]
+api_url = "http://api.bitbucket.org"
+timeout = "soon"
+ca_file = "does-not-exist.pem"
+
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "acme/widgets"
+token = { file = "/nonexistent/secret", env = "X" }
+
+[credentials.apps]
+kind = "api_token"
+email = "release-bot"
+token = { value = "t" }
+
+[credentials.ws]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "t" }
+
+[[routes]]
+prefix = "2.0/x"
+credential = "nobody"
+
+[[routes]]
+prefix = "/2.0/repositories/acme/gadgets"
+credential = "ws"
+methods = ["GET", "FETCH IT"]
+
+[[routes]]
+prefix = "/2.0/repositories/acme/gadgets"
+credential = "ws"
+upstream = "svn"
+
+[[routes]]
+prefix = "/2.0/repositories/acme/../x/"
+credential = "ws"
+"#,
+    );
+    let expect = [
+        "server.listen[0]: `localhost` is not an IP:port",
+        "server.allowed_clients[0]: `10.0.0.0/33` is not a CIDR block",
+        "server.public_url: `ftp://proxy` must start with https:// or http://",
+        "upstream.api_url: `http://api.bitbucket.org` must use https://",
+        "upstream.timeout: `soon` is not a positive duration",
+        "upstream.ca_file: cannot read /etc/bbap/does-not-exist.pem",
+        "credentials.widgets-ci.token: give exactly one of `env`, `file` or `value`",
+        "credentials.apps.email: `release-bot` is not an email address",
+        "routes[0].prefix: `2.0/x` must start with '/'",
+        "routes[0].credential: `nobody` is not a defined credential (defined: apps, widgets-ci, ws)",
+        "routes[1].methods: `FETCH IT` is not an HTTP method",
+        "routes[2].prefix: `/2.0/repositories/acme/gadgets` is already used by another route",
+        "routes[2].upstream: `svn` is not an upstream (valid: \"api\", \"git\")",
+        "routes[3].prefix: `/2.0/repositories/acme/../x/` must not end with '/'",
+    ];
+    for expected in expect {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("/etc/bbap/test.toml: ") && l.contains(expected)),
+            "missing {expected:?} in\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(lines.len(), expect.len(), "{}", lines.join("\n"));
+}
+
+#[test]
+fn token_scoped_to_a_resource_cannot_route_outside_it() {
+    let lines = messages(
+        r#"
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "acme/widgets"
+token = { value = "t" }
+
+[credentials.acme-web]
+kind = "project_access_token"
+workspace = "acme"
+project = "WEB"
+token = { value = "t" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme/gadgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/git/other"
+upstream = "git"
+upstream_prefix = "/other"
+credential = "acme-web"
+
+[[routes]]
+prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/2.0/workspaces/acme/projects/WEB"
+credential = "acme-web"
+"#,
+    );
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    assert!(lines[0].contains("routes[0].credential: `widgets-ci` is a repository_access_token for repository acme/widgets"));
+    assert!(lines[0].contains("outside that repository"));
+    assert!(lines[1].contains("routes[1].credential: `acme-web` is a project_access_token"));
+}
+
+#[test]
+fn app_password_is_accepted_with_a_deprecation_warning() {
+    let config = load(
+        r#"
+[credentials.legacy]
+kind = "app_password"
+username = "acme-legacy-bot"
+password = { value = "p" }
+
+[[routes]]
+prefix = "/"
+credential = "legacy"
+"#,
+    )
+    .unwrap();
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("2026-07-28") && w.contains("api_token"))
+    );
+}
+
+#[test]
+fn missing_env_vars_are_reported_as_such() {
+    let error = load(
+        r#"
+[credentials.a]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { env = "BBAP_CONFIG_TEST_UNSET_A" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "a"
+"#,
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.only_missing_env(),
+        Some(vec!["BBAP_CONFIG_TEST_UNSET_A"])
+    );
+}
+
+#[test]
+fn loopback_upstreams_may_use_plain_http_and_default_ports_are_dropped() {
+    let config = load(
+        r#"
+[upstream]
+api_url = "http://127.0.0.1:9999"
+git_url = "https://bitbucket.org:443/"
+
+[credentials.a]
+kind = "api_token"
+email = "a@b.example"
+token = { value = "t" }
+
+[[routes]]
+prefix = "/"
+credential = "a"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.upstream.api.text, "http://127.0.0.1:9999");
+    assert_eq!(config.upstream.git.text, "https://bitbucket.org");
+}
+
+#[test]
+fn relative_secret_files_resolve_against_the_config_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "from-file\n").unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        r#"
+[credentials.a]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { file = "token" }
+
+[[routes]]
+prefix = "/2.0/workspaces/acme"
+credential = "a"
+"#,
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    let route = config
+        .routes
+        .route("/2.0/workspaces/acme")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        route
+            .credential
+            .authorization(crate::credentials::UpstreamKind::Api),
+        "Bearer from-file"
+    );
+}
