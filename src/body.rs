@@ -14,9 +14,6 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body of a request on its way to the upstream.
-pub type UpstreamRequestBody = TimedBody<Incoming>;
-
 /// A body stream stayed silent for longer than the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("no data for {0:?} while the {1} body was streaming")]
@@ -131,6 +128,58 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The body of a request on its way to the upstream: a client's stream, or one the proxy
+    /// makes itself (credential checks, token requests).
+    #[project = UpstreamRequestBodyProj]
+    pub enum UpstreamRequestBody {
+        Client { #[pin] body: TimedBody<Incoming> },
+        Local { body: Option<Bytes> },
+    }
+}
+
+impl UpstreamRequestBody {
+    pub fn local(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        UpstreamRequestBody::Local {
+            body: (!bytes.is_empty()).then_some(bytes),
+        }
+    }
+}
+
+impl Body for UpstreamRequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamRequestBodyProj::Client { body } => body.poll_frame(cx),
+            UpstreamRequestBodyProj::Local { body } => {
+                Poll::Ready(body.take().map(|b| Ok(Frame::data(b))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamRequestBody::Client { body } => body.is_end_stream(),
+            UpstreamRequestBody::Local { body } => body.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamRequestBody::Client { body } => body.size_hint(),
+            UpstreamRequestBody::Local { body } => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -34,20 +33,29 @@ pub enum Command {
     Run,
     /// Validate the config and every secret, print the route table, and exit.
     Check,
+    /// Probe a running proxy's `/-/health` (for container health checks; needs no shell).
+    Health {
+        /// The health URL; default: the first `server.listen` entry of --config, or
+        /// http://127.0.0.1:8080/-/health. `unix:/path` probes a unix socket.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }
-
-/// How long in-flight requests get to finish after SIGTERM/SIGINT.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Some(config_path) = cli.config.clone() else {
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Health { url } = &command {
+        return crate::health::probe_command(url.as_deref(), cli.config.as_deref());
+    }
+    let Some(config_path) = cli.config else {
         eprintln!("error: no config file given: pass --config FILE or set {CONFIG_ENV}");
         return ExitCode::from(2);
     };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&config_path),
-        Command::Run => run(&config_path, cli.log_format),
+    if let Command::Check = command {
+        check(&config_path)
+    } else {
+        run(&config_path, cli.log_format)
     }
 }
 
@@ -137,11 +145,13 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
             }
         };
         shutdown_signal().await;
+        // The grace period of the config in force now, reloads included.
+        let grace = proxy.state().current().config.server.shutdown_grace;
         tracing::info!(
-            grace_s = SHUTDOWN_GRACE.as_secs(),
+            grace_s = grace.as_secs_f64(),
             "shutting down: no new connections, draining"
         );
-        match proxy.shutdown(SHUTDOWN_GRACE).await {
+        match proxy.shutdown(grace).await {
             crate::listener::ShutdownOutcome::Drained => tracing::info!("drained, exiting"),
             crate::listener::ShutdownOutcome::GraceExpired => {
                 tracing::warn!("grace period over, closing the remaining connections")

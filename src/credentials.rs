@@ -1,6 +1,7 @@
 //! Credential kinds and the exact `Authorization` header each one needs (see FACTS.md).
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderValue;
 
@@ -153,9 +154,12 @@ fn rest_resource<'a>(segments: &'a [&'a str]) -> Option<(&'a str, &'a [&'a str])
 
 /// A credential ready to use: the two header values are computed once at load time.
 pub struct Credential {
-    pub name: String,
+    /// The config name; also the metrics and log label.
+    pub name: Arc<str>,
     pub kind: CredentialKind,
     pub scope: Scope,
+    /// Whether the proxy checks this credential against Bitbucket (`verify = true`).
+    pub verify: bool,
     rest_authorization: HeaderValue,
     git_authorization: HeaderValue,
 }
@@ -179,9 +183,10 @@ impl Credential {
     /// Repository, project and workspace access tokens: Bearer for REST, `x-token-auth` for git.
     pub fn access_token(name: String, kind: CredentialKind, scope: Scope, token: &Secret) -> Self {
         Credential {
-            name,
+            name: name.into(),
             kind,
             scope,
+            verify: false,
             rest_authorization: bearer_header(token),
             git_authorization: basic_auth_header(ACCESS_TOKEN_GIT_USER, token),
         }
@@ -191,9 +196,10 @@ impl Credential {
     /// `x-bitbucket-api-token-auth` user for git.
     pub fn api_token(name: String, email: &str, token: &Secret) -> Self {
         Credential {
-            name,
+            name: name.into(),
             kind: CredentialKind::ApiToken,
             scope: Scope::Account,
+            verify: false,
             rest_authorization: basic_auth_header(email, token),
             git_authorization: basic_auth_header(API_TOKEN_GIT_USER, token),
         }
@@ -203,9 +209,10 @@ impl Credential {
     pub fn app_password(name: String, username: &str, password: &Secret) -> Self {
         let header = basic_auth_header(username, password);
         Credential {
-            name,
+            name: name.into(),
             kind: CredentialKind::AppPassword,
             scope: Scope::Account,
+            verify: false,
             rest_authorization: header.clone(),
             git_authorization: header,
         }

@@ -5,21 +5,26 @@
 //! → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
 //! [`telemetry::AccessLogLayer`].
 
+pub mod admin;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod reload;
 pub mod rewrite;
 pub mod routing;
 pub mod secrets;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;
+pub mod verify;
 
 pub use config::Config;
 pub use listener::{RunningProxy, ShutdownOutcome, start};

@@ -1,6 +1,7 @@
-//! Listeners: bind, accept, and serve each connection with HTTP/1.1 or h2c.
+//! Listeners: bind TCP and unix sockets, accept, and serve each connection with HTTP/1.1 or h2c.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +9,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::proxy::{ConnectionInfo, ProxyService};
+use crate::reload::ReloadHandle;
 use crate::state::SharedState;
 use crate::telemetry::AccessLogLayer;
 
@@ -29,18 +32,29 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        addr: SocketAddr,
+        addr: ListenAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on unix:{}: another process is serving on that socket", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on unix:{}: the path exists and is not a socket; remove it or pick another path", .0.display())]
+    NotASocket(PathBuf),
 }
 
-/// A running proxy: its listeners, and the handle to reload or stop it.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A running proxy: its listeners, and the handles to reload or stop it.
 pub struct RunningProxy {
     state: Arc<SharedState>,
     local_addrs: Vec<SocketAddr>,
+    unix_paths: Vec<PathBuf>,
     stop_accepting: watch::Sender<bool>,
     accept_loops: JoinSet<()>,
     graceful: Arc<GracefulShutdown>,
+    reload: ReloadHandle,
 }
 
 /// What a shutdown achieved.
@@ -56,19 +70,26 @@ pub enum ShutdownOutcome {
 pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let mut listeners = Vec::with_capacity(config.server.listen.len());
     for addr in &config.server.listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
-        listeners.push(listener);
+        listeners.push(bind(addr, config.server.unix_socket_mode).await?);
     }
     let local_addrs = listeners
         .iter()
-        .map(|l| l.local_addr().expect("a bound listener has an address"))
+        .filter_map(|l| match l {
+            Listener::Tcp(tcp) => tcp.local_addr().ok(),
+            Listener::Unix(..) => None,
+        })
+        .collect::<Vec<_>>();
+    let unix_paths = listeners
+        .iter()
+        .filter_map(|l| match l {
+            Listener::Unix(_, path) => Some(path.clone()),
+            Listener::Tcp(_) => None,
+        })
         .collect::<Vec<_>>();
     let state = Arc::new(SharedState::new(config));
+    let reload = ReloadHandle::new(state.clone());
+    reload.start_verifiers();
+    reload.watch();
     let (stop_accepting, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
     let builder = Arc::new(server_builder());
@@ -85,12 +106,58 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     for addr in &local_addrs {
         tracing::info!(%addr, "listening");
     }
+    for path in &unix_paths {
+        tracing::info!(path = %path.display(), "listening on unix socket");
+    }
     Ok(RunningProxy {
         state,
         local_addrs,
+        unix_paths,
         stop_accepting,
         accept_loops,
         graceful,
+        reload,
+    })
+}
+
+async fn bind(addr: &ListenAddr, unix_mode: u32) -> Result<Listener, StartError> {
+    let bind_error = |source| StartError::Bind {
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(socket) => TcpListener::bind(socket)
+            .await
+            .map(Listener::Tcp)
+            .map_err(bind_error),
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path).await?;
+            let listener = UnixListener::bind(path).map_err(bind_error)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode))
+                .map_err(bind_error)?;
+            Ok(Listener::Unix(listener, path.clone()))
+        }
+    }
+}
+
+/// A socket file left by a process that died is removed; one that still answers, or a path
+/// that is not a socket at all, is left alone and reported.
+async fn remove_stale_socket(path: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(StartError::NotASocket(path.to_owned()));
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(StartError::SocketInUse(path.to_owned()));
+    }
+    tracing::info!(path = %path.display(), "removing stale socket file");
+    std::fs::remove_file(path).map_err(|source| StartError::Bind {
+        addr: ListenAddr::Unix(path.to_owned()),
+        source,
     })
 }
 
@@ -110,7 +177,7 @@ fn server_builder() -> auto::Builder<TokioExecutor> {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     state: Arc<SharedState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
@@ -118,11 +185,25 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|stop| *stop) => return,
+            accepted = accept(&listener) => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
         };
         match accepted {
-            Ok((stream, peer)) => serve_tcp(stream, peer, &state, &builder, &graceful),
+            Ok(Accepted::Tcp(stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let info = ConnectionInfo {
+                    peer: Some(peer),
+                    local: stream.local_addr().ok(),
+                };
+                serve(stream, info, &state, &builder, &graceful);
+            }
+            Ok(Accepted::Unix(stream)) => {
+                let info = ConnectionInfo {
+                    peer: None,
+                    local: None,
+                };
+                serve(stream, info, &state, &builder, &graceful);
+            }
             Err(error) => {
                 // EMFILE and friends are transient: keep the listener, slow down.
                 tracing::warn!(%error, "accept failed");
@@ -130,49 +211,73 @@ async fn accept_loop(
             }
         }
     }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
-fn serve_tcp(
-    stream: TcpStream,
-    peer: SocketAddr,
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(tcp) => tcp.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
+        Listener::Unix(unix, _) => unix.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+fn serve<I>(
+    io: I,
+    info: ConnectionInfo,
     state: &Arc<SharedState>,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
-) {
-    let _ = stream.set_nodelay(true);
-    let info = ConnectionInfo {
-        peer: Some(peer),
-        local: stream.local_addr().ok(),
-    };
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
     let service = tower::ServiceBuilder::new()
-        .layer(AccessLogLayer)
+        .layer(AccessLogLayer::new(state.metrics.clone()))
         .service(ProxyService::new(state.clone(), info));
     let connection = builder
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(%peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
+            tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
         }
     });
 }
 
 impl RunningProxy {
+    /// TCP addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    pub fn unix_paths(&self) -> &[PathBuf] {
+        &self.unix_paths
     }
 
     pub fn state(&self) -> &Arc<SharedState> {
         &self.state
     }
 
+    /// The handle that re-reads config and secrets; clone it into signal or file watchers.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then returns.
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownOutcome {
         self.state.start_draining();
+        self.reload.stop();
         let _ = self.stop_accepting.send(true);
         while self.accept_loops.join_next().await.is_some() {}
-        // The accept loops held the other references; they have all returned.
+        // The accept loops held the other references, and they have all returned.
         let Ok(graceful) = Arc::try_unwrap(self.graceful) else {
             return ShutdownOutcome::GraceExpired;
         };

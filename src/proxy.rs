@@ -20,7 +20,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 
-use crate::body::{Direction, ProxyBody, TimedBody};
+use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -200,7 +200,7 @@ pub fn authorize_method(route: &Route, method: &Method) -> Result<(), ProxyError
     } else {
         Err(ProxyError::MethodNotAllowed {
             method: method.clone(),
-            prefix: route.prefix.clone(),
+            prefix: route.prefix.to_string(),
             allow: route.allow_header.clone(),
         })
     }
@@ -213,7 +213,7 @@ pub fn inject_credential(
     config: &Config,
     route: &Route,
     request: Request<Incoming>,
-) -> Result<Request<TimedBody<Incoming>>, ProxyError> {
+) -> Result<Request<UpstreamRequestBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     let origin = config.upstream.origin(route.upstream);
     let mut target = route.upstream_path(parts.uri.path());
@@ -249,13 +249,16 @@ pub fn inject_credential(
         Direction::Request,
         counter,
     );
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(
+        parts,
+        UpstreamRequestBody::Client { body },
+    ))
 }
 
 /// Phase 5: send upstream and wait for the response head, at most `upstream.timeout`.
 pub async fn forward(
     generation: &Generation,
-    request: Request<TimedBody<Incoming>>,
+    request: Request<UpstreamRequestBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = generation.config.upstream.timeout;
     match tokio::time::timeout(timeout, generation.client.request(request)).await {

@@ -10,8 +10,8 @@ use crate::path::{self, PathError};
 /// One `[[routes]]` entry, validated.
 #[derive(Debug)]
 pub struct Route {
-    /// The local prefix as configured (`/` or without a trailing slash).
-    pub prefix: String,
+    /// The local prefix as configured (`/` or without a trailing slash); also its metrics label.
+    pub prefix: Arc<str>,
     pub upstream: UpstreamKind,
     /// The upstream prefix as configured (`/` or without a trailing slash).
     pub upstream_prefix: String,
@@ -129,7 +129,7 @@ impl RouteTable {
         // beats an alias, so links keep their familiar shape.
         let mut best: Option<&Route> = None;
         for route in self.routes.iter().map(AsRef::as_ref).filter(|r| covers(r)) {
-            let rank = |r: &Route| (r.upstream_base().len(), r.prefix == r.upstream_prefix);
+            let rank = |r: &Route| (r.upstream_base().len(), *r.prefix == *r.upstream_prefix);
             if best.is_none_or(|b| rank(route) > rank(b)) {
                 best = Some(route);
             }
@@ -184,7 +184,7 @@ pub(crate) mod tests {
     }
 
     fn prefix_of(table: &RouteTable, path: &str) -> Option<String> {
-        table.route(path).unwrap().map(|r| r.prefix.clone())
+        table.route(path).unwrap().map(|r| r.prefix.to_string())
     }
 
     #[test]
@@ -261,7 +261,7 @@ pub(crate) mod tests {
                 Some(&release),
             )
             .unwrap();
-        assert_eq!(route.prefix, "/release");
+        assert_eq!(&*route.prefix, "/release");
         assert_eq!(len, "/2.0/repositories/acme".len());
         let (route, _) = table
             .local_path_for(
@@ -270,7 +270,7 @@ pub(crate) mod tests {
                 None,
             )
             .unwrap();
-        assert_eq!(route.prefix, "/2.0/repositories/acme/widgets");
+        assert_eq!(&*route.prefix, "/2.0/repositories/acme/widgets");
         assert!(
             table
                 .local_path_for(UpstreamKind::Api, "/2.0/user", None)

@@ -1,13 +1,16 @@
 //! The live configuration, swapped atomically on reload; requests keep the one they started with.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
 use crate::upstream::{UpstreamClient, build_client};
+use crate::verify::VerifyStatus;
 
 /// Everything derived from one successfully loaded config.
 pub struct Generation {
@@ -38,17 +41,23 @@ impl Generation {
     }
 }
 
-/// Shared by every connection.
+/// Shared by every connection for the life of the process.
 pub struct SharedState {
     current: ArcSwap<Generation>,
     draining: AtomicBool,
+    pub metrics: Arc<Metrics>,
+    verify: Mutex<BTreeMap<Arc<str>, VerifyStatus>>,
 }
 
 impl SharedState {
     pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        metrics.config_generation.set(1);
         SharedState {
             current: ArcSwap::from_pointee(Generation::new(1, config, None)),
             draining: AtomicBool::new(false),
+            metrics,
+            verify: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -62,6 +71,7 @@ impl SharedState {
         let next = Generation::new(previous.number + 1, config, Some(&previous));
         let number = next.number;
         self.current.store(Arc::new(next));
+        self.metrics.config_generation.set(number as i64);
         number
     }
 
@@ -71,5 +81,27 @@ impl SharedState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn set_verify_status(&self, name: Arc<str>, status: VerifyStatus) {
+        self.verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, status);
+    }
+
+    /// Keeps only the named credentials' statuses (after a reload removed some).
+    pub fn retain_verify_statuses(&self, names: &[Arc<str>]) {
+        self.verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| names.contains(name));
+    }
+
+    pub fn verify_statuses(&self) -> BTreeMap<Arc<str>, VerifyStatus> {
+        self.verify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BoxError, ByteCounter, ProxyBody};
 use crate::error::REASON_HEADER;
+use crate::metrics::{Metrics, RequestRecord};
 use crate::proxy::MatchedRoute;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,21 +51,34 @@ pub fn init_logging(format: Option<LogFormat>) {
 #[derive(Clone)]
 pub struct RequestBytes(pub Arc<ByteCounter>);
 
-/// Tower layer that writes the access log line when the response body finishes or is dropped.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccessLogLayer;
+/// Tower layer that writes the access log line, and records request metrics, when the response
+/// body finishes or is dropped.
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLogLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        AccessLogLayer { metrics }
+    }
+}
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
 
     fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner }
+        AccessLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AccessLog<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Service<Request<Incoming>> for AccessLog<S>
@@ -88,11 +102,14 @@ where
         request
             .extensions_mut()
             .insert(RequestBytes(bytes_in.clone()));
+        let metrics = self.metrics.clone();
+        metrics.in_flight.inc();
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
             let (parts, body) = response.into_parts();
             let record = AccessRecord {
+                metrics,
                 started,
                 method,
                 uri,
@@ -133,6 +150,7 @@ enum Outcome {
 
 /// Everything the access line needs; logged on drop, so aborted transfers are logged too.
 struct AccessRecord {
+    metrics: Arc<Metrics>,
     started: Instant,
     method: Method,
     uri: Uri,
@@ -147,15 +165,25 @@ struct AccessRecord {
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         let route = self.route.as_ref().map(|r| &r.0);
+        let duration = self.started.elapsed();
+        self.metrics.in_flight.dec();
+        self.metrics.record_request(&RequestRecord {
+            route: route.map(|r| (&r.prefix, &r.credential.name)),
+            method: &self.method,
+            status: self.status,
+            duration,
+            bytes_in: self.bytes_in.get(),
+            bytes_out: self.bytes_out,
+        });
         tracing::info!(
             target: "access",
             method = %self.method,
             // The query is left out: it may carry identifiers nobody meant to log.
             path = self.uri.path(),
-            route = route.map(|r| r.prefix.as_str()),
-            credential = route.map(|r| r.credential.name.as_str()),
+            route = route.map(|r| &*r.prefix),
+            credential = route.map(|r| &*r.credential.name),
             status = self.status.as_u16(),
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = duration.as_secs_f64() * 1000.0,
             bytes_in = self.bytes_in.get(),
             bytes_out = self.bytes_out,
             outcome = match self.outcome {
@@ -186,12 +214,16 @@ impl Body for LoggedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.record.bytes_out += data.len() as u64;
+                }
+                // hyper stops polling once the body says it has ended.
+                if this.inner.is_end_stream() {
+                    this.record.outcome = Outcome::Complete;
                 }
             }
             Poll::Ready(Some(Err(_))) => this.record.outcome = Outcome::Failed,

@@ -30,6 +30,8 @@ pub struct ServerSection {
     pub listen: Option<Vec<String>>,
     pub allowed_clients: Option<Vec<String>>,
     pub public_url: Option<String>,
+    pub unix_socket_mode: Option<String>,
+    pub shutdown_grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -41,6 +43,7 @@ pub struct UpstreamSection {
     pub connect_timeout: Option<String>,
     pub timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub verify_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,24 +52,46 @@ pub enum CredentialSection {
     RepositoryAccessToken {
         repository: String,
         token: SecretSpec,
+        #[serde(default)]
+        verify: bool,
     },
     ProjectAccessToken {
         workspace: String,
         project: String,
         token: SecretSpec,
+        #[serde(default)]
+        verify: bool,
     },
     WorkspaceAccessToken {
         workspace: String,
         token: SecretSpec,
+        #[serde(default)]
+        verify: bool,
     },
     ApiToken {
         email: String,
         token: SecretSpec,
+        #[serde(default)]
+        verify: bool,
     },
     AppPassword {
         username: String,
         password: SecretSpec,
+        #[serde(default)]
+        verify: bool,
     },
+}
+
+impl CredentialSection {
+    pub fn verify(&self) -> bool {
+        match self {
+            CredentialSection::RepositoryAccessToken { verify, .. }
+            | CredentialSection::ProjectAccessToken { verify, .. }
+            | CredentialSection::WorkspaceAccessToken { verify, .. }
+            | CredentialSection::ApiToken { verify, .. }
+            | CredentialSection::AppPassword { verify, .. } => *verify,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

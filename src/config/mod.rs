@@ -33,15 +33,37 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub credentials: Vec<Arc<Credential>>,
     pub routes: RouteTable,
+    /// Where each secret was read from, by config key (for readiness and reload watching).
+    pub secret_sources: Vec<(String, crate::secrets::SecretSource)>,
     /// Things that work but deserve attention (inline secrets, app passwords).
     pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
     pub allowed_clients: Vec<IpNet>,
     pub public_url: Option<Origin>,
+    /// File mode for unix-socket listeners.
+    pub unix_socket_mode: u32,
+    /// How long in-flight requests may finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+}
+
+/// A `server.listen` entry: `"host:port"` or `"unix:/path"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +76,8 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub idle_timeout: Duration,
+    /// How often credentials with `verify = true` are checked against Bitbucket.
+    pub verify_interval: Duration,
 }
 
 impl UpstreamSettings {
@@ -86,6 +110,12 @@ pub const DEFAULT_GIT_URL: &str = "https://bitbucket.org";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(600);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o660;
+/// Paths under this prefix belong to the proxy (`/-/health`, `/-/ready`, `/-/metrics`); no
+/// Bitbucket workspace can be named `-`, so no route can need it.
+pub const ADMIN_PREFIX: &str = "/-";
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +172,21 @@ impl ConfigError {
 }
 
 impl Config {
+    /// Every file the config depends on: itself, file secrets and the CA file.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        files.extend(
+            self.secret_sources
+                .iter()
+                .filter_map(|(_, source)| match source {
+                    crate::secrets::SecretSource::File(path) => Some(path.clone()),
+                    _ => None,
+                }),
+        );
+        files.extend(self.upstream.ca_file.clone());
+        files
+    }
+
     /// Reads, parses and validates `path`, loading every secret it names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         // Inline secrets pass through this buffer: wipe it once parsed.
@@ -185,13 +230,13 @@ pub fn describe_routes(config: &Config) -> String {
         .iter()
         .map(|route| {
             [
-                route.prefix.clone(),
+                route.prefix.to_string(),
                 format!(
                     "{}{}",
                     config.upstream.origin(route.upstream),
                     route.upstream_prefix
                 ),
-                route.credential.name.clone(),
+                route.credential.name.to_string(),
                 route.credential.kind.to_string(),
                 route.methods.as_ref().map_or_else(
                     || "any".to_owned(),

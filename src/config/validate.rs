@@ -13,19 +13,21 @@ use ipnet::IpNet;
 
 use super::file::{ConfigFile, CredentialSection, RouteSection};
 use super::{
-    Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GIT_URL,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_TIMEOUT, Origin, ServerSettings,
+    ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GIT_URL, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
+    DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings,
     UpstreamSettings,
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
 use crate::path::check_path;
-use crate::routing::{Route, RouteTable};
+use crate::routing::{Route, RouteTable, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
 struct Issues {
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
+    secret_sources: Vec<(String, SecretSource)>,
 }
 
 impl Issues {
@@ -42,6 +44,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let mut issues = Issues {
         issues: Vec::new(),
         warnings: Vec::new(),
+        secret_sources: Vec::new(),
     };
     let base_dir = path.parent().unwrap_or(Path::new("."));
 
@@ -57,6 +60,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             upstream,
             credentials: credentials.into_values().flatten().collect(),
             routes,
+            secret_sources: issues.secret_sources,
             warnings: issues.warnings,
         })
     } else {
@@ -82,17 +86,36 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
     let listen = listen_specs
         .iter()
         .enumerate()
-        .filter_map(|(i, spec)| match spec.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
+        .filter_map(|(i, spec)| match parse_listen(spec) {
+            Some(addr) => Some(addr),
+            None => {
                 issues.error(
                     format!("server.listen[{i}]"),
-                    format!("`{spec}` is not an IP:port address (valid: \"127.0.0.1:8080\", \"[::1]:8080\", \"0.0.0.0:8080\")"),
+                    format!("`{spec}` is not an IP:port address or unix socket (valid: \"127.0.0.1:8080\", \"[::1]:8080\", \"0.0.0.0:8080\", \"unix:/run/bitbucket-auth-proxy.sock\")"),
                 );
                 None
             }
         })
         .collect();
+    let unix_socket_mode = match file.server.unix_socket_mode.as_deref() {
+        None => DEFAULT_UNIX_SOCKET_MODE,
+        Some(text) => match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+            Ok(mode) if mode <= 0o777 => mode,
+            _ => {
+                issues.error(
+                    "server.unix_socket_mode",
+                    format!("`{text}` is not an octal file mode (valid: \"0660\", \"0600\")"),
+                );
+                DEFAULT_UNIX_SOCKET_MODE
+            }
+        },
+    };
+    let shutdown_grace = parse_duration(
+        issues,
+        "server.shutdown_grace",
+        file.server.shutdown_grace.as_deref(),
+        DEFAULT_SHUTDOWN_GRACE,
+    );
 
     let allowed_clients = match &file.server.allowed_clients {
         None => vec![
@@ -125,6 +148,39 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
         listen,
         allowed_clients,
         public_url,
+        unix_socket_mode,
+        shutdown_grace,
+    }
+}
+
+fn parse_listen(spec: &str) -> Option<ListenAddr> {
+    match spec.strip_prefix("unix:") {
+        Some(path) if path.starts_with('/') => Some(ListenAddr::Unix(path.into())),
+        Some(_) => None,
+        None => spec.parse::<SocketAddr>().ok().map(ListenAddr::Tcp),
+    }
+}
+
+fn parse_duration(
+    issues: &mut Issues,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                issues.error(
+                    key,
+                    format!(
+                        "`{text}` is not a positive duration (valid: \"500ms\", \"5s\", \"2m\")"
+                    ),
+                );
+                default
+            }
+        },
     }
 }
 
@@ -158,20 +214,8 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
         }),
     };
 
-    let mut duration = |key: &str, value: Option<&str>, default: Duration| match value {
-        None => default,
-        Some(text) => match humantime::parse_duration(text) {
-            Ok(d) if !d.is_zero() => d,
-            _ => {
-                issues.error(
-                    format!("upstream.{key}"),
-                    format!(
-                        "`{text}` is not a positive duration (valid: \"500ms\", \"5s\", \"2m\")"
-                    ),
-                );
-                default
-            }
-        },
+    let mut duration = |key: &str, value: Option<&str>, default: Duration| {
+        parse_duration(issues, &format!("upstream.{key}"), value, default)
     };
     UpstreamSettings {
         api,
@@ -188,6 +232,11 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
             "idle_timeout",
             section.idle_timeout.as_deref(),
             DEFAULT_IDLE_TIMEOUT,
+        ),
+        verify_interval: duration(
+            "verify_interval",
+            section.verify_interval.as_deref(),
+            DEFAULT_VERIFY_INTERVAL,
         ),
     }
 }
@@ -271,7 +320,12 @@ fn credentials(
                     "credential names may use only letters, digits, '-', '_' and '.'",
                 );
             }
-            let credential = credential(issues, &key, name.clone(), section, base_dir);
+            let verify = section.verify();
+            let credential =
+                credential(issues, &key, name.clone(), section, base_dir).map(|mut credential| {
+                    credential.verify = verify;
+                    credential
+                });
             (name, credential.map(Arc::new))
         })
         .collect()
@@ -301,7 +355,9 @@ fn credential(
         }
     };
     match section {
-        CredentialSection::RepositoryAccessToken { repository, token } => {
+        CredentialSection::RepositoryAccessToken {
+            repository, token, ..
+        } => {
             let scope = match repository.split_once('/') {
                 Some((ws, repo)) if !ws.is_empty() && !repo.is_empty() && !repo.contains('/') => {
                     Some(Scope::Repository {
@@ -331,6 +387,7 @@ fn credential(
             workspace,
             project,
             token,
+            ..
         } => {
             let ok =
                 non_empty(issues, "workspace", &workspace) & non_empty(issues, "project", &project);
@@ -344,7 +401,9 @@ fn credential(
                 )
             })
         }
-        CredentialSection::WorkspaceAccessToken { workspace, token } => {
+        CredentialSection::WorkspaceAccessToken {
+            workspace, token, ..
+        } => {
             let ok = non_empty(issues, "workspace", &workspace);
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| {
@@ -356,7 +415,7 @@ fn credential(
                 )
             })
         }
-        CredentialSection::ApiToken { email, token } => {
+        CredentialSection::ApiToken { email, token, .. } => {
             let mut ok = non_empty(issues, "email", &email);
             if ok && !email.contains('@') {
                 issues.error(
@@ -368,7 +427,9 @@ fn credential(
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| Credential::api_token(name, &email, &token))
         }
-        CredentialSection::AppPassword { username, password } => {
+        CredentialSection::AppPassword {
+            username, password, ..
+        } => {
             let mut ok = non_empty(issues, "username", &username);
             if ok && username.contains(':') {
                 issues.error(format!("{key}.username"), "must not contain ':'");
@@ -404,6 +465,9 @@ fn load_secret(
     };
     match spec.load() {
         Ok(secret) => {
+            issues
+                .secret_sources
+                .push((key.to_owned(), secret.source.clone()));
             if secret.source == SecretSource::Inline {
                 issues.warnings.push(format!(
                     "{key}: the secret is written in the config file; prefer {{ env = \"VAR\" }} or {{ file = \"/path\" }}"
@@ -435,7 +499,13 @@ fn load_secret(
 
 /// A prefix as configured: absolute, clean, without query, and without a trailing slash.
 fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
-    let why = if prefix.contains(['?', '#']) {
+    let why = if segment_prefix_matches(ADMIN_PREFIX.as_bytes(), prefix.as_bytes())
+        && key.ends_with(".prefix")
+    {
+        Some(format!(
+            "is reserved: `{ADMIN_PREFIX}/` holds the proxy's own endpoints"
+        ))
+    } else if prefix.contains(['?', '#']) {
         Some("must be a path only, without '?' or '#'".to_owned())
     } else if prefix.len() > 1 && prefix.ends_with('/') {
         Some(format!(
@@ -560,7 +630,7 @@ fn routes(
                 HeaderValue::from_str(&list.join(", ")).expect("method names are valid header text")
             });
             routes.push(Arc::new(Route {
-                prefix: section.prefix.clone(),
+                prefix: section.prefix.as_str().into(),
                 upstream,
                 upstream_prefix,
                 credential,

@@ -152,6 +152,7 @@ pub fn rewrite(
     }
     // The length changes with every rewritten URL; framing falls back to chunked / h2 frames.
     parts.headers.remove(header::CONTENT_LENGTH);
+    weaken_etag(&mut parts.headers);
     ProxyBody::Rewritten {
         body: RewriteBody {
             inner: body,
@@ -177,6 +178,20 @@ fn proxy_origin(config: &Config, client_host: Option<&HeaderValue>) -> Option<By
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     plain.then(|| Bytes::from(format!("http://{authority}")))
+}
+
+/// The rewritten bytes differ from the upstream's: a strong validator would promise otherwise.
+/// A weak one still lets `If-None-Match` revalidate (weak comparison) against Bitbucket.
+fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(etag) = headers.get(header::ETAG)
+        && !etag.as_bytes().starts_with(b"W/")
+    {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(etag.as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&weak) {
+            headers.insert(header::ETAG, value);
+        }
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

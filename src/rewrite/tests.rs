@@ -51,7 +51,7 @@ impl Fixture {
             .routes
             .routes()
             .iter()
-            .find(|r| r.prefix == route_prefix)
+            .find(|r| &*r.prefix == route_prefix)
             .unwrap()
             .clone();
         LinkRewriter {
