@@ -112,7 +112,7 @@ credential = "acme-all"
             }
             received += data.len() as u64;
             frames += 1;
-            if frames % 256 == 0 {
+            if frames.is_multiple_of(256) {
                 peak = peak.max(resident_bytes());
             }
         }
