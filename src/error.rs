@@ -50,6 +50,10 @@ pub enum ProxyError {
     UpstreamTls(String),
     #[error("the upstream did not answer in time: {0}")]
     UpstreamTimeout(String),
+    #[error(
+        "the proxy is at its limit of requests in flight (server.max_in_flight); retry shortly"
+    )]
+    Overloaded,
 }
 
 impl ProxyError {
@@ -65,6 +69,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
+            ProxyError::Overloaded => Fault::Proxy,
         }
     }
 
@@ -82,6 +87,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -99,6 +105,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
             ProxyError::UpstreamTls(_) => "upstream-tls",
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
+            ProxyError::Overloaded => "overloaded",
         }
     }
 
@@ -115,6 +122,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "Bitbucket is unreachable",
             ProxyError::UpstreamTls(_) => "TLS handshake with Bitbucket failed",
             ProxyError::UpstreamTimeout(_) => "Bitbucket did not answer in time",
+            ProxyError::Overloaded => "Too many requests in flight",
         }
     }
 

@@ -134,7 +134,8 @@ pub fn probe_command(url: Option<&str>, config: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tokio::time::timeout(PROBE_TIMEOUT, probe(&target))) {
+    // The timeout's timer must be created inside the runtime, so it is built in the future.
+    match runtime.block_on(async { tokio::time::timeout(PROBE_TIMEOUT, probe(&target)).await }) {
         Ok(Ok(status)) if status == StatusCode::OK => {
             println!("healthy");
             ExitCode::SUCCESS

@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod error;
 pub mod headers;
 pub mod health;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod path;

@@ -5,24 +5,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, ServerSettings};
+use crate::limits::{InFlightLimitLayer, SendTimeoutIo};
 use crate::proxy::{ConnectionInfo, ProxyService};
 use crate::reload::ReloadHandle;
 use crate::state::SharedState;
 use crate::telemetry::AccessLogLayer;
 
-/// How long a client may take to send a request head (slowloris bound). hyper only enforces
-/// this when a timer is set, which `server_builder` does.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest request head accepted (request line plus headers); beyond it hyper answers 431.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Pause after an accept error such as EMFILE, instead of spinning.
@@ -86,19 +85,26 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             Listener::Tcp(_) => None,
         })
         .collect::<Vec<_>>();
+    let server = config.server.clone();
     let state = Arc::new(SharedState::new(config));
     let reload = ReloadHandle::new(state.clone());
     reload.start_verifiers();
     reload.watch();
     let (stop_accepting, stop_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
-    let builder = Arc::new(server_builder());
+    let context = Arc::new(ServeContext {
+        state: state.clone(),
+        builder: server_builder(&server),
+        connections: Arc::new(Semaphore::new(server.max_connections)),
+        in_flight: Arc::new(Semaphore::new(server.max_in_flight)),
+        send_timeout: server.send_timeout,
+        too_many_connections: too_many_connections(),
+    });
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
         accept_loops.spawn(accept_loop(
             listener,
-            state.clone(),
-            builder.clone(),
+            context.clone(),
             graceful.clone(),
             stop_rx.clone(),
         ));
@@ -161,12 +167,24 @@ async fn remove_stale_socket(path: &Path) -> Result<(), StartError> {
     })
 }
 
-fn server_builder() -> auto::Builder<TokioExecutor> {
+/// What every connection is served with. Listener-level settings (head timeout, caps) are
+/// fixed at start-up; a reload that changes them is reported, not applied.
+struct ServeContext {
+    state: Arc<SharedState>,
+    builder: auto::Builder<TokioExecutor>,
+    connections: Arc<Semaphore>,
+    in_flight: Arc<Semaphore>,
+    send_timeout: Duration,
+    too_many_connections: Bytes,
+}
+
+fn server_builder(server: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper enforces the head timeout (the slowloris bound) only when a timer is set.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(server.header_read_timeout)
         .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(true);
     builder
@@ -178,8 +196,7 @@ fn server_builder() -> auto::Builder<TokioExecutor> {
 
 async fn accept_loop(
     listener: Listener,
-    state: Arc<SharedState>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    context: Arc<ServeContext>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -195,14 +212,14 @@ async fn accept_loop(
                     peer: Some(peer),
                     local: stream.local_addr().ok(),
                 };
-                serve(stream, info, &state, &builder, &graceful);
+                serve(stream, info, &context, &graceful);
             }
             Ok(Accepted::Unix(stream)) => {
                 let info = ConnectionInfo {
                     peer: None,
                     local: None,
                 };
-                serve(stream, info, &state, &builder, &graceful);
+                serve(stream, info, &context, &graceful);
             }
             Err(error) => {
                 // EMFILE and friends are transient: keep the listener, slow down.
@@ -228,20 +245,43 @@ async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     }
 }
 
-fn serve<I>(
-    io: I,
-    info: ConnectionInfo,
-    state: &Arc<SharedState>,
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-) where
+/// Sent, then the connection closed, when `server.max_connections` are already open: the
+/// connection is refused before hyper sees it, so the response is written by hand.
+fn too_many_connections() -> Bytes {
+    let body = crate::error::error_json(
+        "Too many connections",
+        "the proxy is at server.max_connections; retry shortly",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\n{}: overloaded\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        crate::error::REASON_HEADER,
+        body.len()
+    );
+    [head.as_bytes(), &body].concat().into()
+}
+
+fn serve<I>(mut io: I, info: ConnectionInfo, context: &ServeContext, graceful: &GracefulShutdown)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(connection_permit) = context.connections.clone().try_acquire_owned() else {
+        tracing::warn!(peer = ?info.peer, "server.max_connections reached; refusing a connection");
+        let refusal = context.too_many_connections.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(&refusal)).await;
+        });
+        return;
+    };
     let peer = info.peer;
     let service = tower::ServiceBuilder::new()
-        .layer(AccessLogLayer::new(state.metrics.clone()))
-        .service(ProxyService::new(state.clone(), info));
-    let connection = builder
+        .layer(AccessLogLayer::new(context.state.metrics.clone()))
+        .layer(InFlightLimitLayer::new(context.in_flight.clone()))
+        .service(ProxyService::new(context.state.clone(), info));
+    let io = SendTimeoutIo::new(io, context.send_timeout);
+    let connection = context
+        .builder
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .into_owned();
     let connection = graceful.watch(connection);
@@ -249,6 +289,7 @@ fn serve<I>(
         if let Err(error) = connection.await {
             tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
         }
+        drop(connection_permit);
     });
 }
 

@@ -2,7 +2,8 @@
 //! tested alone:
 //!
 //! 1. [`admit`] — is the TCP peer in `allowed_clients`?
-//! 2. [`check_target`] and [`route`] — a path on this server, safe, matching a route.
+//! 2. [`check_target`] and [`route`] — a path on this server, safe, matching a route; paths
+//!    under `/-/` are the proxy's own endpoints and go to [`crate::admin`] instead.
 //! 3. [`authorize_method`] — the route's `methods` list, before any body byte is read.
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
 //! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
@@ -14,16 +15,19 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 
+use crate::admin;
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::metrics::{KindLabels, RouteLabels};
 use crate::rewrite;
 use crate::routing::Route;
 use crate::state::{Generation, SharedState};
@@ -83,7 +87,7 @@ pub async fn handle(
     // A request keeps the generation it started with, even if a reload swaps config meanwhile.
     let generation = state.current();
     let mut matched: Option<Arc<Route>> = None;
-    let result = run_phases(&generation, connection, request, &mut matched).await;
+    let result = run_phases(state, &generation, connection, request, &mut matched).await;
     let mut response = result.unwrap_or_else(|error| {
         log_error(&error);
         error.into_response()
@@ -95,6 +99,7 @@ pub async fn handle(
 }
 
 async fn run_phases(
+    state: &SharedState,
     generation: &Generation,
     connection: &ConnectionInfo,
     request: Request<Incoming>,
@@ -103,12 +108,19 @@ async fn run_phases(
     let config = &generation.config;
     admit(config, connection)?;
     check_target(config, connection, &request)?;
+    // The proxy's own endpoints; no route can claim `/-/` (config validation refuses it).
+    if admin::is_admin_path(request.uri().path()) {
+        return admin::serve(state, generation, request.method(), request.uri().path()).await;
+    }
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
     let client_host = client_origin_host(&request);
     let upstream_request = inject_credential(config, &route, request)?;
-    let response = forward(generation, upstream_request).await?;
+    let started = Instant::now();
+    let forwarded = forward(generation, upstream_request).await;
+    record_upstream(state, &route, started, &forwarded);
+    let response = forwarded?;
     Ok(rewrite_response(
         generation,
         &route,
@@ -308,6 +320,37 @@ pub fn rewrite_response(
         body,
     );
     Response::from_parts(parts, body)
+}
+
+/// Upstream latency (to the response head), the rate-limit headers Bitbucket sent for the
+/// route's credential, or the kind of failure.
+fn record_upstream(
+    state: &SharedState,
+    route: &Route,
+    started: Instant,
+    forwarded: &Result<Response<Incoming>, ProxyError>,
+) {
+    let metrics = &state.metrics;
+    match forwarded {
+        Ok(response) => {
+            metrics
+                .upstream_latency
+                .get_or_create(&RouteLabels {
+                    route: route.prefix.clone(),
+                    credential: route.credential.name.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            metrics.record_rate_limit(&route.credential.name, response.headers());
+        }
+        Err(error) => {
+            metrics
+                .upstream_errors
+                .get_or_create(&KindLabels {
+                    kind: error.reason(),
+                })
+                .inc();
+        }
+    }
 }
 
 fn log_error(error: &ProxyError) {

@@ -141,26 +141,34 @@ impl ReloadHandle {
                 let _ = tx.try_send(());
             }
         });
-        let watcher = match watcher {
+        let mut watcher = match watcher {
             Ok(watcher) => Some(watcher),
             Err(error) => {
                 tracing::warn!(%error, "cannot watch config files; reload with SIGHUP");
                 None
             }
         };
+        // Directories and SIGHUP are registered before returning, not in the task: a file
+        // changed before the task first runs would go unnoticed, and a SIGHUP would hit the
+        // default action and terminate the process.
+        let mut watched = BTreeSet::new();
+        if let Some(watcher) = watcher.as_mut() {
+            self.watch_directories(watcher, &mut watched);
+        }
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let handle = self.clone();
-        let task = tokio::spawn(async move { handle.watch_loop(watcher, rx).await });
+        let task =
+            tokio::spawn(async move { handle.watch_loop(watcher, watched, rx, hangup).await });
         self.tasks().watcher = Some(task.abort_handle());
     }
 
     async fn watch_loop(
         &self,
         mut watcher: Option<notify::RecommendedWatcher>,
+        mut watched: BTreeSet<PathBuf>,
         mut changes: tokio::sync::mpsc::Receiver<()>,
+        mut hangup: Option<tokio::signal::unix::Signal>,
     ) {
-        let mut watched = BTreeSet::new();
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             if let Some(watcher) = watcher.as_mut() {
                 self.watch_directories(watcher, &mut watched);

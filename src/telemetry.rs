@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::body::{BoxError, ByteCounter, ProxyBody};
+use crate::body::{BoxError, ByteCounter};
 use crate::error::REASON_HEADER;
 use crate::metrics::{Metrics, RequestRecord};
 use crate::proxy::MatchedRoute;
@@ -81,12 +81,13 @@ pub struct AccessLog<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S> Service<Request<Incoming>> for AccessLog<S>
+impl<S, B> Service<Request<Incoming>> for AccessLog<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
+    B: Body<Data = Bytes, Error = BoxError>,
 {
-    type Response = Response<LoggedBody>;
+    type Response = Response<LoggedBody<B>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -199,14 +200,14 @@ impl Drop for AccessRecord {
 
 pin_project! {
     /// The response body as sent to the client, counting bytes for the access log.
-    pub struct LoggedBody {
+    pub struct LoggedBody<B> {
         #[pin]
-        inner: ProxyBody,
+        inner: B,
         record: AccessRecord,
     }
 }
 
-impl Body for LoggedBody {
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for LoggedBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 

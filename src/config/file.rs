@@ -32,6 +32,10 @@ pub struct ServerSection {
     pub public_url: Option<String>,
     pub unix_socket_mode: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub send_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

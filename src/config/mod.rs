@@ -48,6 +48,14 @@ pub struct ServerSettings {
     pub unix_socket_mode: u32,
     /// How long in-flight requests may finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Open client connections; beyond it new connections get a 503 and are closed.
+    pub max_connections: usize,
+    /// Requests in flight (until their response body is done); beyond it, 503.
+    pub max_in_flight: usize,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// How long a write to a client may make no progress (a client that stopped reading).
+    pub send_timeout: Duration,
 }
 
 /// A `server.listen` entry: `"host:port"` or `"unix:/path"`.
@@ -113,6 +121,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(600);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o660;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Paths under this prefix belong to the proxy (`/-/health`, `/-/ready`, `/-/metrics`); no
 /// Bitbucket workspace can be named `-`, so no route can need it.
 pub const ADMIN_PREFIX: &str = "/-";

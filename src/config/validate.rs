@@ -14,9 +14,10 @@ use ipnet::IpNet;
 use super::file::{ConfigFile, CredentialSection, RouteSection};
 use super::{
     ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_GIT_URL, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
-    DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings,
-    UpstreamSettings,
+    DEFAULT_GIT_URL, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin,
+    ServerSettings, UpstreamSettings,
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
 use crate::path::check_path;
@@ -144,12 +145,46 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
             .ok()
     });
 
+    let header_read_timeout = parse_duration(
+        issues,
+        "server.header_read_timeout",
+        file.server.header_read_timeout.as_deref(),
+        DEFAULT_HEADER_READ_TIMEOUT,
+    );
+    let send_timeout = parse_duration(
+        issues,
+        "server.send_timeout",
+        file.server.send_timeout.as_deref(),
+        DEFAULT_SEND_TIMEOUT,
+    );
+    let mut positive = |key: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => {
+            issues.error(key, "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let max_connections = positive(
+        "server.max_connections",
+        file.server.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+    );
+    let max_in_flight = positive(
+        "server.max_in_flight",
+        file.server.max_in_flight,
+        DEFAULT_MAX_IN_FLIGHT,
+    );
     ServerSettings {
         listen,
         allowed_clients,
         public_url,
         unix_socket_mode,
         shutdown_grace,
+        max_connections,
+        max_in_flight,
+        header_read_timeout,
+        send_timeout,
     }
 }
 

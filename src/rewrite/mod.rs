@@ -43,6 +43,8 @@ pub struct RewritePatterns {
     git: AhoCorasick,
     /// Per pattern id (same order in both automatons' shared prefix): which upstream, escaped?
     meta: Vec<(UpstreamKind, bool)>,
+    /// Every pattern's bytes, to recognise an origin cut by a chunk boundary.
+    needles: Vec<Vec<u8>>,
     longest: usize,
 }
 
@@ -71,6 +73,7 @@ impl RewritePatterns {
             api: build(&patterns[..2]),
             git: build(&patterns),
             longest: patterns.iter().map(String::len).max().unwrap_or(0),
+            needles: patterns.iter().map(|p| p.as_bytes().to_vec()).collect(),
             meta,
         }
     }
@@ -121,13 +124,12 @@ pub fn rewrite(
     let Some(proxy_origin) = proxy_origin(config, client_host) else {
         return ProxyBody::Upstream { body };
     };
-    let rewriter = LinkRewriter {
-        config: config.clone(),
-        patterns: patterns.clone(),
-        route: route.clone(),
+    let rewriter = LinkRewriter::new(
+        config.clone(),
+        patterns.clone(),
+        route.clone(),
         proxy_origin,
-        carry: Vec::new(),
-    };
+    );
     rewrite_headers(&rewriter, &mut parts.headers);
 
     if body.is_end_stream() || !is_json(&parts.headers) {
@@ -228,102 +230,215 @@ pub struct LinkRewriter {
     patterns: Arc<RewritePatterns>,
     route: Arc<Route>,
     proxy_origin: Bytes,
-    /// An unfinished match (or a possible start of one) from the previous chunk.
+    /// An unfinished match, or a possible start of one, from the previous chunk.
     carry: Vec<u8>,
+    /// Reused buffers: `carry` joined with the next chunk's head, and an unescaped `\/` path.
+    joined: Vec<u8>,
+    unescaped: Vec<u8>,
 }
 
 /// What follows an origin match.
 enum Tail {
-    /// The URL ends `len` bytes after the origin; `path` is its unescaped path.
-    Complete { len: usize, path: Vec<u8> },
+    /// The URL ends `len` bytes after the origin.
+    Complete { len: usize },
     /// The input ended before the URL did.
     NeedMore,
     /// Not a URL of that origin (`https://api.bitbucket.org.evil.example`), or too long.
     NotOurs,
 }
 
+/// Where scanning a buffer stopped.
+enum Scan {
+    /// Everything up to `end` was written out.
+    Done { end: usize },
+    /// A match starting at `start` needs more input.
+    Unfinished { start: usize },
+}
+
 impl LinkRewriter {
-    fn automaton(&self) -> &AhoCorasick {
-        match self.route.upstream {
-            UpstreamKind::Api => &self.patterns.api,
-            UpstreamKind::Git => &self.patterns.git,
+    fn new(
+        config: Arc<Config>,
+        patterns: Arc<RewritePatterns>,
+        route: Arc<Route>,
+        proxy_origin: Bytes,
+    ) -> Self {
+        LinkRewriter {
+            config,
+            patterns,
+            route,
+            proxy_origin,
+            carry: Vec::new(),
+            joined: Vec::new(),
+            unescaped: Vec::new(),
         }
     }
 
     /// Rewrites the next piece of a body. With `last`, everything carried is flushed.
+    ///
+    /// Each input byte is copied once, into the output. Only a URL cut by a chunk boundary is
+    /// carried, and joining it with the next chunk copies just that chunk's first
+    /// `MAX_URL_TAIL` bytes or so, never the whole chunk.
     pub fn process(&mut self, input: &[u8], last: bool) -> Bytes {
-        let owned;
-        let buf: &[u8] = if self.carry.is_empty() {
-            input
-        } else {
-            self.carry.extend_from_slice(input);
-            owned = std::mem::take(&mut self.carry);
-            &owned
-        };
-        let mut out = BytesMut::with_capacity(buf.len() + 64);
-        let mut pos = 0;
-        let automaton = self.automaton().clone();
-        for found in automaton.find_iter(buf) {
-            if found.start() < pos {
-                continue;
+        let mut out = BytesMut::with_capacity(input.len() + self.carry.len() + 64);
+        let mut from = 0;
+        if !self.carry.is_empty() {
+            let head = input.len().min(self.patterns.longest + MAX_URL_TAIL + 2);
+            let carried = self.carry.len();
+            let mut joined = std::mem::take(&mut self.joined);
+            joined.clear();
+            joined.append(&mut self.carry);
+            joined.extend_from_slice(&input[..head]);
+            if head == input.len() {
+                // A short chunk: the carry and all of it make one buffer.
+                self.finish(&joined, 0, last, &mut out);
+                self.joined = joined;
+                return out.freeze();
             }
-            let (upstream, escaped) = self.patterns.meta[found.pattern().as_usize()];
-            match parse_tail(&buf[found.end()..], escaped, last) {
-                Tail::Complete { len, path } => {
-                    out.extend_from_slice(&buf[pos..found.start()]);
-                    self.write_url(&mut out, upstream, escaped, &path);
-                    pos = found.end() + len;
-                }
-                Tail::NotOurs => {}
-                Tail::NeedMore => {
-                    out.extend_from_slice(&buf[pos..found.start()]);
-                    self.carry.extend_from_slice(&buf[found.start()..]);
+            // Settle the matches that start in the carried bytes; the rest of the input is
+            // scanned in place below. `joined` reaches far enough past the carry to end any
+            // URL short enough to rewrite.
+            match self.scan(&joined, 0, Some(carried), false, &mut out) {
+                Scan::Done { end } if end < carried => out.extend_from_slice(&joined[end..carried]),
+                Scan::Done { end } => from = end - carried,
+                Scan::Unfinished { start } => {
+                    self.carry.extend_from_slice(&joined[start..]);
+                    self.carry.extend_from_slice(&input[head..]);
+                    self.joined = joined;
                     return out.freeze();
                 }
             }
+            self.joined = joined;
         }
-        // Keep a tail that could be the start of an origin split across chunks.
-        let keep = if last {
-            0
-        } else {
-            (buf.len() - pos).min(self.patterns.longest.saturating_sub(1))
-        };
-        out.extend_from_slice(&buf[pos..buf.len() - keep]);
-        self.carry.extend_from_slice(&buf[buf.len() - keep..]);
+        self.finish(input, from, last, &mut out);
         out.freeze()
     }
 
-    fn write_url(&self, out: &mut BytesMut, upstream: UpstreamKind, escaped: bool, path: &[u8]) {
-        let mapped = self.map_path(upstream, path);
+    /// Scans `buf[from..]` to its end; what may continue in the next chunk goes to `carry`.
+    fn finish(&mut self, buf: &[u8], from: usize, last: bool, out: &mut BytesMut) {
+        match self.scan(buf, from, None, last, out) {
+            Scan::Done { end } => {
+                let keep = if last {
+                    0
+                } else {
+                    self.needle_prefix_suffix(&buf[end..])
+                };
+                out.extend_from_slice(&buf[end..buf.len() - keep]);
+                self.carry.extend_from_slice(&buf[buf.len() - keep..]);
+            }
+            Scan::Unfinished { start } => self.carry.extend_from_slice(&buf[start..]),
+        }
+    }
+
+    /// Writes `buf[from..]` with URLs rewritten, up to the end of the last rewritten URL
+    /// (`Done`), or up to a URL that needs more input (`Unfinished`). With `starts_before`,
+    /// only matches starting before that offset are considered.
+    fn scan(
+        &mut self,
+        buf: &[u8],
+        from: usize,
+        starts_before: Option<usize>,
+        last: bool,
+        out: &mut BytesMut,
+    ) -> Scan {
+        let patterns = self.patterns.clone();
+        let automaton = match self.route.upstream {
+            UpstreamKind::Api => &patterns.api,
+            UpstreamKind::Git => &patterns.git,
+        };
+        let mut pos = from;
+        for found in automaton.find_iter(&buf[from..]) {
+            let (start, end) = (from + found.start(), from + found.end());
+            if starts_before.is_some_and(|limit| start >= limit) {
+                break;
+            }
+            if start < pos {
+                // Inside the path of the URL just rewritten.
+                continue;
+            }
+            let (upstream, escaped) = patterns.meta[found.pattern().as_usize()];
+            match parse_tail(&buf[end..], escaped, last) {
+                Tail::Complete { len } => {
+                    out.extend_from_slice(&buf[pos..start]);
+                    self.write_url(out, upstream, escaped, &buf[end..end + len]);
+                    pos = end + len;
+                }
+                Tail::NotOurs => {}
+                Tail::NeedMore => {
+                    out.extend_from_slice(&buf[pos..start]);
+                    return Scan::Unfinished { start };
+                }
+            }
+        }
+        Scan::Done { end: pos }
+    }
+
+    /// How many trailing bytes of `tail` could begin an origin cut by the chunk boundary.
+    fn needle_prefix_suffix(&self, tail: &[u8]) -> usize {
+        let max = tail.len().min(self.patterns.longest.saturating_sub(1));
+        (1..=max)
+            .rev()
+            .find(|&k| {
+                let suffix = &tail[tail.len() - k..];
+                self.patterns
+                    .needles
+                    .iter()
+                    .any(|needle| needle.starts_with(suffix))
+            })
+            .unwrap_or(0)
+    }
+
+    fn write_url(
+        &mut self,
+        out: &mut BytesMut,
+        upstream: UpstreamKind,
+        escaped: bool,
+        raw_path: &[u8],
+    ) {
+        if !(escaped && raw_path.contains(&b'\\')) {
+            self.emit(out, upstream, escaped, raw_path);
+            return;
+        }
+        // `parse_tail` accepted a backslash only as the first half of `\/`.
+        let mut path = std::mem::take(&mut self.unescaped);
+        path.clear();
+        path.extend(raw_path.iter().copied().filter(|&b| b != b'\\'));
+        self.emit(out, upstream, escaped, &path);
+        self.unescaped = path;
+    }
+
+    fn emit(&self, out: &mut BytesMut, upstream: UpstreamKind, escaped: bool, path: &[u8]) {
+        let (base, rest) = self.map_path(upstream, path);
         if escaped {
             push_escaped(out, &self.proxy_origin);
-            push_escaped(out, &mapped);
+            push_escaped(out, base.as_bytes());
+            push_escaped(out, rest);
         } else {
             out.extend_from_slice(&self.proxy_origin);
-            out.extend_from_slice(&mapped);
+            out.extend_from_slice(base.as_bytes());
+            out.extend_from_slice(rest);
         }
     }
 
     /// The inverse of the route table: the request's own route first, then the longest
     /// `upstream_prefix`; an uncovered path is kept (the client then gets the proxy's 404).
-    fn map_path(&self, upstream: UpstreamKind, path: &[u8]) -> Vec<u8> {
-        let Ok(text) = std::str::from_utf8(path) else {
-            return path.to_vec();
-        };
-        match self
-            .config
-            .routes
-            .local_path_for(upstream, text, Some(&self.route))
-        {
+    /// Returns the local prefix and the rest of the path to append to it.
+    fn map_path<'p>(&self, upstream: UpstreamKind, path: &'p [u8]) -> (&str, &'p [u8]) {
+        let mapped = std::str::from_utf8(path).ok().and_then(|text| {
+            self.config
+                .routes
+                .local_path_for(upstream, text, Some(&self.route))
+        });
+        match mapped {
             Some((route, strip)) => {
-                let mut mapped = RouteTable::local_base(route).as_bytes().to_vec();
-                mapped.extend_from_slice(&path[strip..]);
-                if mapped.is_empty() {
-                    mapped.push(b'/');
+                let base = RouteTable::local_base(route);
+                let rest = &path[strip..];
+                if base.is_empty() && rest.is_empty() {
+                    ("/", rest)
+                } else {
+                    (base, rest)
                 }
-                mapped
             }
-            None => path.to_vec(),
+            None => ("", path),
         }
     }
 
@@ -334,34 +449,38 @@ impl LinkRewriter {
                 .iter()
                 .position(|&b| b == b'?' || b == b'#')
                 .unwrap_or(value.len());
-            let mut out = self.map_path(self.route.upstream, &value[..end]);
+            let (base, rest) = self.map_path(self.route.upstream, &value[..end]);
+            let mut out = Vec::with_capacity(value.len() + base.len());
+            out.extend_from_slice(base.as_bytes());
+            out.extend_from_slice(rest);
             out.extend_from_slice(&value[end..]);
             return Bytes::from(out);
         }
-        let mut once = LinkRewriter {
-            config: self.config.clone(),
-            patterns: self.patterns.clone(),
-            route: self.route.clone(),
-            proxy_origin: self.proxy_origin.clone(),
-            carry: Vec::new(),
-        };
+        let mut once = LinkRewriter::new(
+            self.config.clone(),
+            self.patterns.clone(),
+            self.route.clone(),
+            self.proxy_origin.clone(),
+        );
         once.process(value, true)
     }
 }
 
 fn push_escaped(out: &mut BytesMut, text: &[u8]) {
-    for &b in text {
-        if b == b'/' {
-            out.extend_from_slice(b"\\/");
-        } else {
-            out.extend_from_slice(&[b]);
+    for piece in text.split_inclusive(|&b| b == b'/') {
+        match piece.split_last() {
+            Some((b'/', head)) => {
+                out.extend_from_slice(head);
+                out.extend_from_slice(b"\\/");
+            }
+            _ => out.extend_from_slice(piece),
         }
     }
 }
 
-/// Reads the path that follows an origin, up to the query, fragment or end of the URL.
+/// Measures the path that follows an origin, up to the query, fragment or end of the URL. In
+/// the escaped form a path separator is `\/`.
 fn parse_tail(input: &[u8], escaped: bool, last: bool) -> Tail {
-    let mut path = Vec::new();
     let mut i = 0;
     loop {
         if i > MAX_URL_TAIL {
@@ -369,34 +488,30 @@ fn parse_tail(input: &[u8], escaped: bool, last: bool) -> Tail {
         }
         let Some(&b) = input.get(i) else {
             return if last {
-                Tail::Complete { len: i, path }
+                Tail::Complete { len: i }
             } else {
                 Tail::NeedMore
             };
         };
-        // Right after the origin, only '/' or the end of the URL may follow.
+        // Right after the origin only '/' or the end of the URL may follow.
         if i == 0 && is_host_char(b) {
             return Tail::NotOurs;
         }
-        match b {
-            b'/' => {
-                path.push(b'/');
-                i += 1;
-            }
-            b'\\' if escaped => match input.get(i + 1) {
+        if b == b'/' || (i > 0 && PATH_CHARS[usize::from(b)]) {
+            i += 1;
+            continue;
+        }
+        if b == b'\\' && escaped {
+            match input.get(i + 1) {
                 Some(b'/') => {
-                    path.push(b'/');
                     i += 2;
+                    continue;
                 }
                 None if !last => return Tail::NeedMore,
-                _ => return Tail::Complete { len: i, path },
-            },
-            b if i > 0 && is_path_char(b) => {
-                path.push(b);
-                i += 1;
+                _ => {}
             }
-            _ => return Tail::Complete { len: i, path },
         }
+        return Tail::Complete { len: i };
     }
 }
 
@@ -405,27 +520,35 @@ fn is_host_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'@')
 }
 
-/// RFC 3986 `pchar` without the sub-delimiters that end URLs in prose and headers.
-fn is_path_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'%'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'+'
-                | b'='
-                | b':'
-                | b'@'
-                | b'{'
-                | b'}'
-                | b'*'
-        )
-}
+/// RFC 3986 `pchar` and `/`, without the sub-delimiters that end URLs in prose and headers.
+static PATH_CHARS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'/' | b'-'
+                    | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'+'
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'{'
+                    | b'}'
+                    | b'*'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// Streaming decoders for the codings Bitbucket uses.
 enum Decoder {

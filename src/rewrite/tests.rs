@@ -54,13 +54,12 @@ impl Fixture {
             .find(|r| &*r.prefix == route_prefix)
             .unwrap()
             .clone();
-        LinkRewriter {
-            config: self.config.clone(),
-            patterns: self.patterns.clone(),
+        LinkRewriter::new(
+            self.config.clone(),
+            self.patterns.clone(),
             route,
-            proxy_origin: Bytes::from_static(b"http://proxy.internal:8080"),
-            carry: Vec::new(),
-        }
+            Bytes::from_static(b"http://proxy.internal:8080"),
+        )
     }
 }
 
@@ -336,5 +335,43 @@ mod streaming {
             .await
             .unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), PAGE_VIA_ACME);
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("https://api.bitbucket.org".to_owned()),
+            Just("https:\\/\\/api.bitbucket.org".to_owned()),
+            Just("https://bitbucket.org".to_owned()),
+            Just("/2.0/repositories/acme/widgets".to_owned()),
+            Just("\\/2.0\\/repositories\\/acme".to_owned()),
+            Just("?page=2".to_owned()),
+            Just("\"".to_owned()),
+            Just(".evil".to_owned()),
+            Just("\\".to_owned()),
+            Just("/".to_owned()),
+            "[a-z%0-9 ,:{}]{0,6}",
+        ]
+    }
+
+    proptest! {
+        /// However a body is cut into chunks, the output is the same as rewriting it whole.
+        #[test]
+        fn chunking_never_changes_the_output(
+            pieces in proptest::collection::vec(fragment(), 0..24),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let fixture = Fixture::new();
+            let input = pieces.concat();
+            let whole = rewrite_whole(&mut fixture.rewriter("/release"), input.as_bytes());
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.sort_unstable();
+            let split = rewrite_split(&mut fixture.rewriter("/release"), input.as_bytes(), &cuts);
+            prop_assert_eq!(String::from_utf8_lossy(&split), String::from_utf8_lossy(&whole));
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Deref;
 use std::path::Path;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -657,6 +657,8 @@ struct PatternBody {
     offset: u64,
     len: u64,
     exact_size: bool,
+    /// Bytes handed out so far, for observing backpressure from outside.
+    produced: Option<Arc<AtomicU64>>,
 }
 
 impl Body for PatternBody {
@@ -675,6 +677,9 @@ impl Body for PatternBody {
         let mut chunk = vec![0u8; n];
         pattern_fill(this.offset, &mut chunk);
         this.offset += n as u64;
+        if let Some(produced) = &this.produced {
+            produced.store(this.offset, Ordering::SeqCst);
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
     }
 
@@ -697,6 +702,7 @@ pub fn pattern_body(len: u64) -> BoxBody {
         offset: 0,
         len,
         exact_size: true,
+        produced: None,
     })
 }
 
@@ -706,7 +712,32 @@ pub fn pattern_body_unsized(len: u64) -> BoxBody {
         offset: 0,
         len,
         exact_size: false,
+        produced: None,
     })
+}
+
+/// Like [`pattern_body`], plus a counter of the bytes generated so far: a
+/// reader that stops reading should make it stop growing (backpressure).
+pub fn pattern_body_counted(len: u64) -> (BoxBody, Arc<AtomicU64>) {
+    let produced = Arc::new(AtomicU64::new(0));
+    let body = BoxBody::new(PatternBody {
+        offset: 0,
+        len,
+        exact_size: true,
+        produced: Some(produced.clone()),
+    });
+    (body, produced)
+}
+
+/// A body fed chunk by chunk from the returned sender (no size hint); it
+/// ends when the sender is dropped.
+pub fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, BoxBody) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }));
+    (tx, BoxBody::new(body))
 }
 
 /// SHA-256 of the first `len` pattern bytes, computed in 64 KiB chunks
@@ -889,6 +920,50 @@ pub async fn raw_request_timeout(addr: SocketAddr, bytes: &[u8], timeout: Durati
         out.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An HTTP/1.x response as read by [`raw_request`]: status, headers (names
+/// lower-cased, in order) and whatever followed the head.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawResponse {
+    /// Parses the *last* response head in `text` (skipping any interim
+    /// `1xx` responses); None if there is no complete head.
+    pub fn parse(text: &str) -> Option<RawResponse> {
+        let mut rest = text;
+        loop {
+            let (head, body) = rest.split_once("\r\n\r\n")?;
+            let mut lines = head.split("\r\n");
+            let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+            if (100..200).contains(&status) && body.starts_with("HTTP/") {
+                rest = body;
+                continue;
+            }
+            let headers = lines
+                .filter_map(|line| line.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            return Some(RawResponse {
+                status,
+                headers,
+                body: body.to_owned(),
+            });
+        }
+    }
+
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Lower-case hex of a digest, for readable assertion messages.

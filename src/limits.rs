@@ -1,0 +1,226 @@
+//! Bounds on what clients can hold: requests in flight (shed with 503), and connections whose
+//! peer stopped reading.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tower::{Layer, Service};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::error::ProxyError;
+
+/// Caps requests in flight across all connections. A request holds its permit until its
+/// response body has been sent or dropped (a streaming download counts for as long as it
+/// streams); when none is free the request is answered 503 at once rather than queued.
+#[derive(Clone)]
+pub struct InFlightLimitLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl InFlightLimitLayer {
+    pub fn new(permits: Arc<Semaphore>) -> Self {
+        InFlightLimitLayer { permits }
+    }
+}
+
+impl<S> Layer<S> for InFlightLimitLayer {
+    type Service = InFlightLimit<S>;
+
+    fn layer(&self, inner: S) -> InFlightLimit<S> {
+        InFlightLimit {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct InFlightLimit<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S, B> Service<Request<B>> for InFlightLimit<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<PermitBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<PermitBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let response = ProxyError::Overloaded
+                .into_response()
+                .map(|body| PermitBody {
+                    inner: body,
+                    _permit: None,
+                });
+            return Box::pin(std::future::ready(Ok(response)));
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| PermitBody {
+                inner: body,
+                _permit: Some(permit),
+            }))
+        })
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request's in-flight permit until it is done.
+    pub struct PermitBody {
+        #[pin]
+        inner: ProxyBody,
+        _permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl Body for PermitBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// Connection I/O that fails a write which has made no progress for `timeout`: a client
+    /// that stops reading its response cannot pin a connection, an upstream stream and their
+    /// buffers forever. The timer exists only while a write is blocked.
+    pub struct SendTimeoutIo<T> {
+        #[pin]
+        inner: T,
+        timeout: Duration,
+        stalled: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<T> SendTimeoutIo<T> {
+    pub fn new(inner: T, timeout: Duration) -> Self {
+        SendTimeoutIo {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+}
+
+/// Runs a write-side poll under the stall timer.
+fn guard<R>(
+    stalled: &mut Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+    poll: Poll<io::Result<R>>,
+) -> Poll<io::Result<R>> {
+    match poll {
+        Poll::Ready(result) => {
+            *stalled = None;
+            Poll::Ready(result)
+        }
+        Poll::Pending => {
+            let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            ready!(timer.as_mut().poll(cx));
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?}"),
+            )))
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for SendTimeoutIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for SendTimeoutIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write(cx, buf);
+        guard(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write_vectored(cx, bufs);
+        guard(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_flush(cx);
+        guard(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_shutdown(cx);
+        guard(this.stalled, *this.timeout, cx, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_times_out_the_write() {
+        let (client, _server) = tokio::io::duplex(16);
+        let mut io = SendTimeoutIo::new(client, Duration::from_secs(5));
+        io.write_all(&[0; 16]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let error = io.write_all(&[0; 16]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+}
