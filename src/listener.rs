@@ -51,6 +51,8 @@ pub struct RunningProxy {
     local_addrs: Vec<SocketAddr>,
     unix_paths: Vec<PathBuf>,
     stop_accepting: watch::Sender<bool>,
+    /// Set when the grace period runs out: every connection still open is closed.
+    cut_connections: watch::Sender<bool>,
     accept_loops: JoinSet<()>,
     graceful: Arc<GracefulShutdown>,
     reload: ReloadHandle,
@@ -91,6 +93,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     reload.start_verifiers();
     reload.watch();
     let (stop_accepting, stop_rx) = watch::channel(false);
+    let (cut_connections, cut_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
     let context = Arc::new(ServeContext {
         state: state.clone(),
@@ -99,6 +102,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         in_flight: Arc::new(Semaphore::new(server.max_in_flight)),
         send_timeout: server.send_timeout,
         too_many_connections: too_many_connections(),
+        cut: cut_rx,
     });
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
@@ -120,6 +124,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         local_addrs,
         unix_paths,
         stop_accepting,
+        cut_connections,
         accept_loops,
         graceful,
         reload,
@@ -176,6 +181,8 @@ struct ServeContext {
     in_flight: Arc<Semaphore>,
     send_timeout: Duration,
     too_many_connections: Bytes,
+    /// Becomes `true` when shutdown's grace period has run out.
+    cut: watch::Receiver<bool>,
 }
 
 fn server_builder(server: &ServerSettings) -> auto::Builder<TokioExecutor> {
@@ -285,9 +292,21 @@ where
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
         .into_owned();
     let connection = graceful.watch(connection);
+    let mut cut = context.cut.clone();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
+        // Only an explicit cut: dropping a `RunningProxy` without `shutdown` leaves them be.
+        let cut = async {
+            if cut.wait_for(|cut| *cut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = connection => {
+                if let Err(error) = result {
+                    tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
+                }
+            }
+            () = cut => tracing::debug!(?peer, "shutdown grace period over: connection closed"),
         }
         drop(connection_permit);
     });
@@ -319,12 +338,17 @@ impl RunningProxy {
         let _ = self.stop_accepting.send(true);
         while self.accept_loops.join_next().await.is_some() {}
         // The accept loops held the other references, and they have all returned.
-        let Ok(graceful) = Arc::try_unwrap(self.graceful) else {
-            return ShutdownOutcome::GraceExpired;
+        let drained = match Arc::try_unwrap(self.graceful) {
+            Ok(graceful) => tokio::time::timeout(grace, graceful.shutdown())
+                .await
+                .is_ok(),
+            Err(_) => false,
         };
-        match tokio::time::timeout(grace, graceful.shutdown()).await {
-            Ok(()) => ShutdownOutcome::Drained,
-            Err(_) => ShutdownOutcome::GraceExpired,
+        if drained {
+            ShutdownOutcome::Drained
+        } else {
+            let _ = self.cut_connections.send(true);
+            ShutdownOutcome::GraceExpired
         }
     }
 }

@@ -218,16 +218,47 @@ impl Config {
     }
 }
 
-/// toml's message names the key and a column; add the line, which is what people look for.
+/// toml's message names the key; add the line, which is what people look for.
 fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end();
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
+    let Some(span) = error.span() else {
+        return message.to_owned();
+    };
+    let start = span.start.min(text.len());
+    // Credentials are a tagged enum, which serde reads as a whole table: its errors point at the
+    // table. Find the offending key inside that table instead.
+    let start = unknown_field(message)
+        .and_then(|key| find_key(text, start, key))
+        .unwrap_or(start);
+    let line = text[..start].matches('\n').count() + 1;
+    format!("line {line}: {message}")
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// The offset of `key =` at or after `from`, before the next table header.
+fn find_key(text: &str, from: usize, key: &str) -> Option<usize> {
+    let mut offset = from;
+    for (i, line) in text[from..].split_inclusive('\n').enumerate() {
+        if i > 0 && line.trim_start().starts_with('[') {
+            return None;
         }
-        None => message.to_owned(),
+        let mut search = 0;
+        while let Some(found) = line[search..].find(key) {
+            let at = search + found;
+            let before = line[..at].chars().next_back();
+            let after = line[at + key.len()..].trim_start();
+            let bounded = before.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-'));
+            if bounded && after.starts_with('=') {
+                return Some(offset + at);
+            }
+            search = at + key.len();
+        }
+        offset += line.len();
     }
+    None
 }
 
 #[cfg(test)]
