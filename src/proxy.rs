@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::admin;
@@ -268,12 +269,26 @@ pub fn inject_credential(
 }
 
 /// Phase 5: send upstream and wait for the response head, at most `upstream.timeout`.
+///
+/// A GET or HEAD without a body whose connection could not be made (refused, reset or TLS
+/// failure before a byte of the request went out) is tried once more on a fresh connection.
+/// Nothing else is retried: the upstream may already have acted on it.
 pub async fn forward(
     generation: &Generation,
     request: Request<UpstreamRequestBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = generation.config.upstream.timeout;
-    match tokio::time::timeout(timeout, generation.client.request(request)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let replay = replayable_copy(&request);
+    let first = tokio::time::timeout_at(deadline, generation.client.request(request)).await;
+    let result = match (first, replay) {
+        (Ok(Err(error)), Some(replay)) if error.is_connect() => {
+            tracing::debug!(error = %crate::error::error_chain(&error), "connecting upstream failed; retrying once");
+            tokio::time::timeout_at(deadline, generation.client.request(replay)).await
+        }
+        (first, _) => first,
+    };
+    match result {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(ProxyError::from_client_error(error)),
         Err(_) => Err(ProxyError::UpstreamTimeout(format!(
@@ -281,6 +296,20 @@ pub async fn forward(
             humantime::format_duration(timeout)
         ))),
     }
+}
+
+/// A copy to resend, for idempotent requests that carry no body.
+fn replayable_copy(request: &Request<UpstreamRequestBody>) -> Option<Request<UpstreamRequestBody>> {
+    let idempotent = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !idempotent || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(UpstreamRequestBody::local(Bytes::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// The `Host` the client used, for link rewriting when `server.public_url` is unset.

@@ -318,7 +318,10 @@ fn unknown_key_inside_a_credential_reports_the_key_line() {
     );
     let (out, _, stderr) = output(bin().arg("check").arg("--config").arg(&nested));
     assert!(!out.status.success());
-    assert!(stderr.contains("line 4") && stderr.contains("`envv`"), "{stderr}");
+    assert!(
+        stderr.contains("line 4") && stderr.contains("`envv`"),
+        "{stderr}"
+    );
 }
 
 #[test]

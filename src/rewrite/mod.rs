@@ -256,6 +256,28 @@ enum Scan {
 }
 
 impl LinkRewriter {
+    /// A rewriter for responses on the route with `prefix`, as the proxy would build it
+    /// (for benchmarks and tools; the proxy itself goes through [`rewrite`]).
+    #[doc(hidden)]
+    pub fn for_route(config: Arc<Config>, prefix: &str, proxy_origin: &str) -> Option<Self> {
+        let route = config
+            .routes
+            .routes()
+            .iter()
+            .find(|r| &*r.prefix == prefix)?
+            .clone();
+        let patterns = Arc::new(RewritePatterns::new(
+            &config.upstream.api,
+            &config.upstream.git,
+        ));
+        Some(LinkRewriter::new(
+            config,
+            patterns,
+            route,
+            Bytes::from(proxy_origin.to_owned()),
+        ))
+    }
+
     fn new(
         config: Arc<Config>,
         patterns: Arc<RewritePatterns>,
