@@ -91,8 +91,9 @@ fn longest_covering<'a>(table: &'a RouteTable, path: &[u8]) -> Option<&'a Arc<Ro
 /// The routing invariants for one raw request path:
 ///
 /// - a credential is only ever chosen with a route, and that route is the longest one covering
-///   the path both as sent and once percent-decoded (so no encoding picks another route's
-///   credential or slips past a narrower route's method list);
+///   the path as sent, once and twice percent-decoded (so no encoding picks another route's
+///   credential or slips past a narrower route's method list, for an upstream that decodes up
+///   to twice, the model of [`crate::path`]);
 /// - the forwarded path, however the upstream reads it, stays inside the route's
 ///   `upstream_prefix`.
 pub fn check_route(table: &RouteTable, path: &str) -> Result<(), String> {
@@ -113,13 +114,17 @@ pub fn check_route(table: &RouteTable, path: &str) -> Result<(), String> {
             expected.map(|r| &r.prefix)
         ));
     }
-    let decoded = percent_decode(path.as_bytes());
-    if !same(found, longest_covering(table, &decoded)) {
-        return Err(format!(
-            "{path:?} routed to {:?}, but once decoded it belongs to {:?}",
-            found.map(|r| &r.prefix),
-            longest_covering(table, &decoded).map(|r| &r.prefix)
-        ));
+    let once = percent_decode(path.as_bytes());
+    let twice = percent_decode(&once);
+    for (rounds, decoded) in [("once", &once), ("twice", &twice)] {
+        let other = longest_covering(table, decoded);
+        if !same(found, other) {
+            return Err(format!(
+                "{path:?} routed to {:?}, but decoded {rounds} it belongs to {:?}",
+                found.map(|r| &r.prefix),
+                other.map(|r| &r.prefix)
+            ));
+        }
     }
     let Some(route) = found else {
         return Ok(());

@@ -13,6 +13,8 @@ pub mod credentials;
 pub mod error;
 pub mod headers;
 pub mod health;
+#[doc(hidden)]
+pub mod invariant;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -143,10 +143,24 @@ async fn bind(addr: &ListenAddr, unix_mode: u32) -> Result<Listener, StartError>
             .map_err(bind_error),
         ListenAddr::Unix(path) => {
             remove_stale_socket(path).await?;
-            let listener = UnixListener::bind(path).map_err(bind_error)?;
+            // Bind beside the final path, set the mode, then rename into place: the socket
+            // is never reachable with the default mode.
+            let staging = path.with_file_name(format!(
+                ".{}.{}.tmp",
+                path.file_name()
+                    .map_or_else(|| "socket".into(), |n| n.to_string_lossy()),
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&staging);
+            let listener = UnixListener::bind(&staging).map_err(bind_error)?;
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode))
-                .map_err(bind_error)?;
+            let placed =
+                std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(unix_mode))
+                    .and_then(|()| std::fs::rename(&staging, path));
+            if let Err(error) = placed {
+                let _ = std::fs::remove_file(&staging);
+                return Err(bind_error(error));
+            }
             Ok(Listener::Unix(listener, path.clone()))
         }
     }

@@ -31,6 +31,8 @@ pub enum ReloadError {
 pub struct ReloadHandle {
     state: Arc<SharedState>,
     tasks: Arc<Mutex<Tasks>>,
+    /// One reload at a time: a SIGHUP racing a file event must not install twice.
+    reloading: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -44,6 +46,7 @@ impl ReloadHandle {
         ReloadHandle {
             state,
             tasks: Arc::default(),
+            reloading: Arc::default(),
         }
     }
 
@@ -53,6 +56,7 @@ impl ReloadHandle {
 
     /// Re-reads the config file and every secret, and installs the result if it is valid.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let current = self.state.current();
         let path = current.config.path.clone();
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
