@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::time::error::Elapsed;
 use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -50,6 +52,62 @@ impl ByteCounter {
     }
 }
 
+/// When a body last moved (a frame or its end was read), shared with whoever bounds a wait by
+/// it: the upstream's response head may come only after a long upload.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    start: Instant,
+    /// Nanoseconds after `start` of the latest movement.
+    last: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// When the body last moved (its creation if it never did).
+    pub fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// `tokio::time::timeout_at`, except that while `progress` keeps moving the deadline moves
+/// with it: the wait fails only once `idle` has passed since both `deadline - idle` and the
+/// last movement. An upload that streams for longer than `idle` is not cut; an upstream that
+/// stops reading it, or stays silent after it, still is.
+pub async fn timeout_at_unless_moving<F: Future>(
+    deadline: Instant,
+    idle: Duration,
+    progress: Option<Progress>,
+    future: F,
+) -> Result<F::Output, Elapsed> {
+    let mut future = std::pin::pin!(future);
+    let mut deadline = deadline;
+    loop {
+        match tokio::time::timeout_at(deadline, future.as_mut()).await {
+            Ok(output) => return Ok(output),
+            Err(elapsed) => {
+                let Some(next) = progress.as_ref().map(|p| p.last() + idle) else {
+                    return Err(elapsed);
+                };
+                if next <= Instant::now() {
+                    return Err(elapsed);
+                }
+                deadline = next;
+            }
+        }
+    }
+}
+
 pin_project! {
     /// Streams `inner` frame by frame; fails if no frame arrives within `idle`, and counts data
     /// bytes. The timer runs only while the body is being polled, so a peer that is slow to
@@ -62,6 +120,7 @@ pin_project! {
         idle: Duration,
         direction: Direction,
         counter: Option<Arc<ByteCounter>>,
+        progress: Progress,
     }
 }
 
@@ -78,7 +137,13 @@ impl<B> TimedBody<B> {
             idle,
             direction,
             counter,
+            progress: Progress::new(),
         }
+    }
+
+    /// When this body last moved.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 }
 
@@ -101,6 +166,7 @@ where
                 if let Some(deadline) = this.deadline.as_mut() {
                     deadline.as_mut().reset(Instant::now() + *this.idle);
                 }
+                this.progress.touch();
                 if let (Some(Ok(frame)), Some(counter)) = (&frame, this.counter.as_ref())
                     && let Some(data) = frame.data_ref()
                 {
@@ -146,6 +212,14 @@ impl UpstreamRequestBody {
         let bytes = bytes.into();
         UpstreamRequestBody::Local {
             body: (!bytes.is_empty()).then_some(bytes),
+        }
+    }
+
+    /// When a client's body last moved towards the upstream; `None` for local bodies.
+    pub fn progress(&self) -> Option<Progress> {
+        match self {
+            UpstreamRequestBody::Client { body } => Some(body.progress().clone()),
+            UpstreamRequestBody::Local { .. } => None,
         }
     }
 }
@@ -267,6 +341,48 @@ mod tests {
         assert_eq!(counter.get(), 9);
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.downcast_ref::<BodyIdleTimeout>().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn head_deadline_moves_with_the_upload_only() {
+        let idle = Duration::from_secs(5);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let mut body = Box::pin(TimedBody::new(
+            StreamBody::new(tokio_stream_from(rx)),
+            Duration::from_secs(60),
+            Direction::Request,
+            None,
+        ));
+        let progress = Some(body.progress().clone());
+        let started = Instant::now();
+        // The "response" arrives 3 s after a 12 s upload: 15 s in all, past `idle`.
+        let upload = async {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"pack"))))
+                    .await
+                    .unwrap();
+                body.frame().await.unwrap().unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        };
+        let result =
+            timeout_at_unless_moving(started + idle, idle, progress.clone(), upload).await;
+        assert!(result.is_ok());
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+
+        // Once the body stops moving, the wait ends `idle` after its last movement.
+        let silent = std::future::pending::<()>();
+        let again = Instant::now();
+        let result = timeout_at_unless_moving(again + idle, idle, progress, silent).await;
+        assert!(result.is_err());
+        assert_eq!(again.elapsed(), idle);
+
+        // Without a body to watch it is a plain deadline.
+        let result =
+            timeout_at_unless_moving(Instant::now() + idle, idle, None, std::future::pending::<()>())
+                .await;
+        assert!(result.is_err());
     }
 
     fn tokio_stream_from<T>(

@@ -3,9 +3,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::HeaderValue;
+use std::time::Duration;
 
+use http::{HeaderValue, Uri};
+
+use crate::oauth::{OAuthClient, TokenError};
 use crate::secrets::{Secret, basic_auth_header, bearer_header};
+use crate::upstream::UpstreamClient;
 
 /// Which Bitbucket host a route forwards to; credentials authenticate differently on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,6 +37,7 @@ pub enum CredentialKind {
     WorkspaceAccessToken,
     ApiToken,
     AppPassword,
+    OauthClientCredentials,
 }
 
 impl CredentialKind {
@@ -43,6 +48,7 @@ impl CredentialKind {
             CredentialKind::WorkspaceAccessToken => "workspace_access_token",
             CredentialKind::ApiToken => "api_token",
             CredentialKind::AppPassword => "app_password",
+            CredentialKind::OauthClientCredentials => "oauth_client_credentials",
         }
     }
 }
@@ -152,7 +158,7 @@ fn rest_resource<'a>(segments: &'a [&'a str]) -> Option<(&'a str, &'a [&'a str])
     }
 }
 
-/// A credential ready to use: the two header values are computed once at load time.
+/// A credential ready to use.
 pub struct Credential {
     /// The config name; also the metrics and log label.
     pub name: Arc<str>,
@@ -160,8 +166,24 @@ pub struct Credential {
     pub scope: Scope,
     /// Whether the proxy checks this credential against Bitbucket (`verify = true`).
     pub verify: bool,
-    rest_authorization: HeaderValue,
-    git_authorization: HeaderValue,
+    /// Local pacing of requests (`rate_limit = { per_hour, burst }`), if configured.
+    pub rate_limit: Option<RateLimit>,
+    auth: Authorization,
+}
+
+/// `rate_limit = { per_hour = N, burst = M }` on a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_hour: u32,
+    pub burst: u32,
+}
+
+/// Where the `Authorization` header comes from.
+enum Authorization {
+    /// Computed once at load time, for REST and for git.
+    Static { rest: HeaderValue, git: HeaderValue },
+    /// Access tokens obtained and renewed at run time.
+    OAuth(OAuthClient),
 }
 
 impl fmt::Debug for Credential {
@@ -180,49 +202,101 @@ const ACCESS_TOKEN_GIT_USER: &str = "x-token-auth";
 const API_TOKEN_GIT_USER: &str = "x-bitbucket-api-token-auth";
 
 impl Credential {
-    /// Repository, project and workspace access tokens: Bearer for REST, `x-token-auth` for git.
-    pub fn access_token(name: String, kind: CredentialKind, scope: Scope, token: &Secret) -> Self {
+    fn with(name: String, kind: CredentialKind, scope: Scope, auth: Authorization) -> Self {
         Credential {
             name: name.into(),
             kind,
             scope,
             verify: false,
-            rest_authorization: bearer_header(token),
-            git_authorization: basic_auth_header(ACCESS_TOKEN_GIT_USER, token),
+            rate_limit: None,
+            auth,
         }
+    }
+
+    /// Repository, project and workspace access tokens: Bearer for REST, `x-token-auth` for git.
+    pub fn access_token(name: String, kind: CredentialKind, scope: Scope, token: &Secret) -> Self {
+        let rest = bearer_header(token);
+        let git = basic_auth_header(ACCESS_TOKEN_GIT_USER, token);
+        Credential::with(name, kind, scope, Authorization::Static { rest, git })
     }
 
     /// API tokens: Basic with the account email for REST (Bearer is refused), and the dedicated
     /// `x-bitbucket-api-token-auth` user for git.
     pub fn api_token(name: String, email: &str, token: &Secret) -> Self {
-        Credential {
-            name: name.into(),
-            kind: CredentialKind::ApiToken,
-            scope: Scope::Account,
-            verify: false,
-            rest_authorization: basic_auth_header(email, token),
-            git_authorization: basic_auth_header(API_TOKEN_GIT_USER, token),
-        }
+        let rest = basic_auth_header(email, token);
+        let git = basic_auth_header(API_TOKEN_GIT_USER, token);
+        Credential::with(
+            name,
+            CredentialKind::ApiToken,
+            Scope::Account,
+            Authorization::Static { rest, git },
+        )
     }
 
     /// Legacy app passwords: Basic with the Bitbucket username (not the email) everywhere.
     pub fn app_password(name: String, username: &str, password: &Secret) -> Self {
         let header = basic_auth_header(username, password);
-        Credential {
-            name: name.into(),
-            kind: CredentialKind::AppPassword,
-            scope: Scope::Account,
-            verify: false,
-            rest_authorization: header.clone(),
-            git_authorization: header,
+        let auth = Authorization::Static {
+            rest: header.clone(),
+            git: header,
+        };
+        Credential::with(name, CredentialKind::AppPassword, Scope::Account, auth)
+    }
+
+    /// OAuth consumers: Bearer access tokens for REST, `x-token-auth` for git, obtained with
+    /// the client-credentials grant from `token_url`.
+    pub fn oauth_client_credentials(
+        name: String,
+        token_url: Uri,
+        client_id: &str,
+        client_secret: &Secret,
+    ) -> Self {
+        let oauth = OAuthClient::new(name.as_str().into(), token_url, client_id, client_secret);
+        Credential::with(
+            name,
+            CredentialKind::OauthClientCredentials,
+            Scope::Account,
+            Authorization::OAuth(oauth),
+        )
+    }
+
+    /// The precomputed, sensitive header for `upstream`, for credentials that have one;
+    /// cloning it copies no secret bytes.
+    pub fn static_authorization(&self, upstream: UpstreamKind) -> Option<&HeaderValue> {
+        match &self.auth {
+            Authorization::Static { rest, git } => Some(match upstream {
+                UpstreamKind::Api => rest,
+                UpstreamKind::Git => git,
+            }),
+            Authorization::OAuth(_) => None,
         }
     }
 
-    /// The precomputed, sensitive header for `upstream`; cloning it copies no secret bytes.
-    pub fn authorization(&self, upstream: UpstreamKind) -> &HeaderValue {
-        match upstream {
-            UpstreamKind::Api => &self.rest_authorization,
-            UpstreamKind::Git => &self.git_authorization,
+    /// The header to send to `upstream` now; OAuth credentials may fetch a token first.
+    pub async fn authorization(
+        &self,
+        upstream: UpstreamKind,
+        client: &UpstreamClient,
+        timeout: Duration,
+    ) -> Result<HeaderValue, TokenError> {
+        match &self.auth {
+            Authorization::Static { rest, git } => Ok(match upstream {
+                UpstreamKind::Api => rest.clone(),
+                UpstreamKind::Git => git.clone(),
+            }),
+            Authorization::OAuth(oauth) => oauth.authorization(upstream, client, timeout).await,
+        }
+    }
+
+    /// Whether a 401 from Bitbucket may mean an access token to renew (OAuth only).
+    pub fn renews_tokens(&self) -> bool {
+        matches!(self.auth, Authorization::OAuth(_))
+    }
+
+    /// Drops a token Bitbucket refused, so the next request gets a new one.
+    pub fn invalidate(&self, used: &HeaderValue) {
+        if let Authorization::OAuth(oauth) = &self.auth {
+            oauth.invalidate(used);
         }
     }
 }
@@ -250,32 +324,54 @@ mod tests {
             },
             &token,
         );
-        assert_eq!(repo.authorization(UpstreamKind::Api), "Bearer T0K");
         assert_eq!(
-            repo.authorization(UpstreamKind::Git).to_str().unwrap(),
+            repo.static_authorization(UpstreamKind::Api).unwrap(),
+            "Bearer T0K"
+        );
+        assert_eq!(
+            repo.static_authorization(UpstreamKind::Git)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             basic("x-token-auth", "T0K")
         );
 
         let api = Credential::api_token("a".into(), "bot@acme.example", &token);
         assert_eq!(
-            api.authorization(UpstreamKind::Api).to_str().unwrap(),
+            api.static_authorization(UpstreamKind::Api)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             basic("bot@acme.example", "T0K")
         );
         assert_eq!(
-            api.authorization(UpstreamKind::Git).to_str().unwrap(),
+            api.static_authorization(UpstreamKind::Git)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             basic("x-bitbucket-api-token-auth", "T0K")
         );
 
         let app = Credential::app_password("p".into(), "legacy-bot", &token);
         assert_eq!(
-            app.authorization(UpstreamKind::Api).to_str().unwrap(),
+            app.static_authorization(UpstreamKind::Api)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             basic("legacy-bot", "T0K")
         );
         assert_eq!(
-            app.authorization(UpstreamKind::Git).to_str().unwrap(),
+            app.static_authorization(UpstreamKind::Git)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             basic("legacy-bot", "T0K")
         );
-        assert!(app.authorization(UpstreamKind::Git).is_sensitive());
+        assert!(
+            app.static_authorization(UpstreamKind::Git)
+                .unwrap()
+                .is_sensitive()
+        );
         assert!(!format!("{app:?}").contains("T0K"));
     }
 

@@ -54,6 +54,17 @@ pub enum ProxyError {
         "the proxy is at its limit of requests in flight (server.max_in_flight); retry shortly"
     )]
     Overloaded,
+    #[error("{0}")]
+    Token(#[from] crate::oauth::TokenError),
+    #[error(
+        "credential `{credential}` is at its rate_limit ({per_hour} per hour, bursts of {burst}); retry in {retry_after_s} s"
+    )]
+    RateLimited {
+        credential: String,
+        per_hour: u32,
+        burst: u32,
+        retry_after_s: u64,
+    },
 }
 
 impl ProxyError {
@@ -65,10 +76,12 @@ impl ProxyError {
             | ProxyError::BadPath(_)
             | ProxyError::NoRoute
             | ProxyError::MethodNotAllowed { .. }
-            | ProxyError::ClientBody(_) => Fault::Client,
+            | ProxyError::ClientBody(_)
+            | ProxyError::RateLimited { .. } => Fault::Client,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTls(_)
-            | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Token(_) => Fault::Upstream,
             ProxyError::Overloaded => Fault::Proxy,
         }
     }
@@ -88,6 +101,8 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Token(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -106,6 +121,8 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => "upstream-tls",
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::Token(_) => "token-endpoint",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 
@@ -123,6 +140,8 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => "TLS handshake with Bitbucket failed",
             ProxyError::UpstreamTimeout(_) => "Bitbucket did not answer in time",
             ProxyError::Overloaded => "Too many requests in flight",
+            ProxyError::Token(_) => "Could not obtain an OAuth access token",
+            ProxyError::RateLimited { .. } => "Rate limit for this resource has been exceeded",
         }
     }
 
@@ -142,6 +161,9 @@ impl ProxyError {
                 allow: Some(allow), ..
             } => {
                 headers.insert(header::ALLOW, allow);
+            }
+            ProxyError::RateLimited { retry_after_s, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
             ProxyError::ConnectRefused => {
                 headers.insert(

@@ -31,14 +31,16 @@ const CLIENT_ONLY: [HeaderName; 7] = [
 ];
 
 /// Removes every header named on any `Connection` line, then the fixed hop-by-hop set.
+///
+/// The lines are split as bytes: an obs-text byte elsewhere on a line (which hyper accepts)
+/// must not hide the tokens listed beside it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
             .collect();
         for name in listed {
             headers.remove(name);
@@ -86,6 +88,21 @@ mod tests {
         sanitize_request(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("x-kept"));
+    }
+
+    /// Found by the `sanitize_headers` fuzz target: a `Connection` line with an obs-text byte was
+    /// skipped whole, so the headers it listed went upstream.
+    #[test]
+    fn obs_text_on_a_connection_line_does_not_hide_its_tokens() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, x-\xbb, close").unwrap(),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("2"));
+        sanitize_request(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

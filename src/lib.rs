@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod governor;
 pub mod headers;
 pub mod health;
 #[doc(hidden)]
@@ -18,6 +19,7 @@ pub mod invariant;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod oauth;
 pub mod path;
 pub mod proxy;
 pub mod reload;

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub ratelimit_near_limit: Family<CredentialLabels, Gauge>,
     pub ratelimit_remaining: Family<CredentialLabels, Gauge>,
     pub credential_verify: Family<VerifyLabels, Gauge>,
+    pub ratelimit_local_sent: Family<CredentialLabels, Gauge>,
+    pub ratelimit_local_remaining: Family<CredentialLabels, Gauge>,
+    pub ratelimit_local_refused: Family<CredentialLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +104,9 @@ impl Metrics {
             ratelimit_near_limit: Family::default(),
             ratelimit_remaining: Family::default(),
             credential_verify: Family::default(),
+            ratelimit_local_sent: Family::default(),
+            ratelimit_local_remaining: Family::default(),
+            ratelimit_local_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,6 +173,21 @@ impl Metrics {
             "credential_verify",
             "Result of the last credential check (1 for the current state)",
             metrics.credential_verify.clone(),
+        );
+        registry.register(
+            "ratelimit_local_sent",
+            "Requests the proxy sent upstream with this credential in the last hour",
+            metrics.ratelimit_local_sent.clone(),
+        );
+        registry.register(
+            "ratelimit_local_remaining",
+            "What is left of the credential's rate_limit.per_hour budget for the rolling hour",
+            metrics.ratelimit_local_remaining.clone(),
+        );
+        registry.register(
+            "ratelimit_local_refused",
+            "Requests refused locally with 429 by the credential's rate_limit",
+            metrics.ratelimit_local_refused.clone(),
         );
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info

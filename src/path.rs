@@ -117,15 +117,20 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// The path once percent-decoded, for checking that decoding does not change the route.
-/// `None` when the path has no escapes (the common case, no allocation).
-pub fn decoded_for_routing(path: &str) -> Option<Vec<u8>> {
-    if !path.contains('%') {
-        return None;
+/// The path percent-decoded once and, if that still holds a `%`, twice: the forms
+/// [`check_path`] also checks, for checking that decoding does not change the route. Empty when
+/// the path has no escapes (the common case, no allocation).
+pub fn decoded_for_routing(path: &str) -> Vec<Vec<u8>> {
+    let mut forms = Vec::new();
+    let mut form = path.as_bytes().to_vec();
+    while forms.len() < 2 && form.contains(&b'%') {
+        let Ok(decoded) = percent_decode(&form, Strictness::Lenient) else {
+            break;
+        };
+        form = decoded.into_owned();
+        forms.push(form.clone());
     }
-    percent_decode(path.as_bytes(), Strictness::Lenient)
-        .ok()
-        .map(Cow::into_owned)
+    forms
 }
 
 #[cfg(test)]
@@ -261,7 +266,11 @@ mod tests {
 
     #[test]
     fn decoding_for_routing_only_when_escaped() {
-        assert_eq!(decoded_for_routing("/a/b"), None);
-        assert_eq!(decoded_for_routing("/a%2Fb").as_deref(), Some(&b"/a/b"[..]));
+        assert!(decoded_for_routing("/a/b").is_empty());
+        assert_eq!(decoded_for_routing("/a%2Fb"), [b"/a/b".to_vec()]);
+        assert_eq!(
+            decoded_for_routing("/a%252Fb"),
+            [b"/a%2Fb".to_vec(), b"/a/b".to_vec()]
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! 2. [`check_target`] and [`route`] — a path on this server, safe, matching a route; paths
 //!    under `/-/` are the proxy's own endpoints and go to [`crate::admin`] instead.
 //! 3. [`authorize_method`] — the route's `methods` list, before any body byte is read.
+//!    [`govern`] — the credential's `rate_limit`, answered locally with 429 when spent.
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
 //! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
 //! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use hyper::body::Incoming;
 
@@ -28,7 +29,7 @@ use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{KindLabels, RouteLabels};
+use crate::metrics::{CredentialLabels, KindLabels, RouteLabels};
 use crate::rewrite;
 use crate::routing::Route;
 use crate::state::{Generation, SharedState};
@@ -116,10 +117,33 @@ async fn run_phases(
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
+    govern(state, generation, &route)?;
     let client_host = client_origin_host(&request);
-    let upstream_request = inject_credential(config, &route, request)?;
+    let credential = &route.credential;
+    let timeout = config.upstream.timeout;
+    let authorization = credential
+        .authorization(route.upstream, &generation.client, timeout)
+        .await?;
+    let upstream_request = inject_credential(config, &route, authorization.clone(), request)?;
+    let replay = Replay::of(&upstream_request);
     let started = Instant::now();
-    let forwarded = forward(generation, upstream_request).await;
+    let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
+    // A 401 for an OAuth token the proxy believed valid: renew once and resend, if the
+    // request can be sent again unchanged.
+    if let (Ok(response), Some(replay)) = (&forwarded, &replay)
+        && response.status() == StatusCode::UNAUTHORIZED
+        && credential.renews_tokens()
+    {
+        tracing::info!(
+            credential = &*credential.name,
+            "Bitbucket refused the access token; renewing once"
+        );
+        credential.invalidate(&authorization);
+        let renewed = credential
+            .authorization(route.upstream, &generation.client, timeout)
+            .await?;
+        forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
+    }
     record_upstream(state, &route, started, &forwarded);
     let response = forwarded?;
     Ok(rewrite_response(
@@ -219,12 +243,66 @@ pub fn authorize_method(route: &Route, method: &Method) -> Result<(), ProxyError
     }
 }
 
+/// Phase 3b: the credential's rate limit, counted here so a refused request costs no budget.
+pub fn govern(
+    state: &SharedState,
+    generation: &Generation,
+    route: &Route,
+) -> Result<(), ProxyError> {
+    let credential = &route.credential;
+    let Some(governor) = generation.governors.get(&credential.name) else {
+        return Ok(());
+    };
+    let labels = CredentialLabels {
+        credential: credential.name.clone(),
+    };
+    match governor.try_acquire(tokio::time::Instant::now()) {
+        Ok(sent) => {
+            state
+                .metrics
+                .ratelimit_local_sent
+                .get_or_create(&labels)
+                .set(sent as i64);
+            if let Some(limit) = credential.rate_limit {
+                let remaining = i64::from(limit.per_hour) - sent as i64;
+                state
+                    .metrics
+                    .ratelimit_local_remaining
+                    .get_or_create(&labels)
+                    .set(remaining);
+            }
+            Ok(())
+        }
+        Err(wait) => {
+            state
+                .metrics
+                .ratelimit_local_refused
+                .get_or_create(&labels)
+                .inc();
+            let limit = credential
+                .rate_limit
+                .unwrap_or(crate::credentials::RateLimit {
+                    per_hour: 0,
+                    burst: 0,
+                });
+            Err(ProxyError::RateLimited {
+                credential: credential.name.to_string(),
+                per_hour: limit.per_hour,
+                burst: limit.burst,
+                // Rounded up: a client retrying on the second must not be refused again.
+                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            })
+        }
+    }
+}
+
 /// Phase 4: the upstream request. The URI is rebuilt from the upstream origin and the mapped
 /// path (the query passes byte-for-byte), `Host` goes so the client sets the upstream's,
 /// client credentials and hop-by-hop headers go, and the route's credential is inserted.
 pub fn inject_credential(
     config: &Config,
     route: &Route,
+    authorization: HeaderValue,
     request: Request<Incoming>,
 ) -> Result<Request<UpstreamRequestBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
@@ -252,10 +330,7 @@ pub fn inject_credential(
     if route.rewrite_links {
         rewrite::restrict_accept_encoding(&mut parts.headers);
     }
-    parts.headers.insert(
-        header::AUTHORIZATION,
-        route.credential.authorization(route.upstream).clone(),
-    );
+    parts.headers.insert(header::AUTHORIZATION, authorization);
     let body = TimedBody::new(
         body,
         config.upstream.idle_timeout,
@@ -268,7 +343,8 @@ pub fn inject_credential(
     ))
 }
 
-/// Phase 5: send upstream and wait for the response head, at most `upstream.timeout`.
+/// Phase 5: send upstream and wait for the response head, at most `upstream.timeout` (counted
+/// from the end of the request body, or from its last movement while it still uploads).
 ///
 /// A GET or HEAD without a body whose connection could not be made (refused, reset or TLS
 /// failure before a byte of the request went out) is tried once more on a fresh connection.
@@ -276,15 +352,23 @@ pub fn inject_credential(
 pub async fn forward(
     generation: &Generation,
     request: Request<UpstreamRequestBody>,
+    replay: Option<&Replay>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = generation.config.upstream.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let replay = replayable_copy(&request);
-    let first = tokio::time::timeout_at(deadline, generation.client.request(request)).await;
+    // A body still uploading pushes the deadline out: some upstreams answer only once it is in.
+    let progress = request.body().progress();
+    let first = crate::body::timeout_at_unless_moving(
+        deadline,
+        timeout,
+        progress,
+        generation.client.request(request),
+    )
+    .await;
     let result = match (first, replay) {
-        (Ok(Err(error)), Some(replay)) if error.is_connect() => {
+        (Ok(Err(error)), Some(replay)) if error.is_connect() && replay.is_safe() => {
             tracing::debug!(error = %crate::error::error_chain(&error), "connecting upstream failed; retrying once");
-            tokio::time::timeout_at(deadline, generation.client.request(replay)).await
+            tokio::time::timeout_at(deadline, generation.client.request(replay.request(None))).await
         }
         (first, _) => first,
     };
@@ -298,18 +382,46 @@ pub async fn forward(
     }
 }
 
-/// A copy to resend, for idempotent requests that carry no body.
-fn replayable_copy(request: &Request<UpstreamRequestBody>) -> Option<Request<UpstreamRequestBody>> {
-    let idempotent = matches!(*request.method(), Method::GET | Method::HEAD);
-    if !idempotent || !request.body().is_end_stream() {
-        return None;
+/// What it takes to send a request again: only for idempotent requests without a body, the
+/// only ones that can be resent unchanged.
+pub struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    pub fn of(request: &Request<UpstreamRequestBody>) -> Option<Replay> {
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        );
+        (idempotent && request.body().is_end_stream()).then(|| Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
     }
-    let mut copy = Request::new(UpstreamRequestBody::local(Bytes::new()));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+
+    /// GET and HEAD, the methods retried after a failed connection.
+    fn is_safe(&self) -> bool {
+        matches!(self.method, Method::GET | Method::HEAD)
+    }
+
+    /// The request again, with a new `Authorization` if given.
+    pub fn request(&self, authorization: Option<HeaderValue>) -> Request<UpstreamRequestBody> {
+        let mut request = Request::new(UpstreamRequestBody::local(Bytes::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers.clone();
+        if let Some(authorization) = authorization {
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, authorization);
+        }
+        request
+    }
 }
 
 /// The `Host` the client used, for link rewriting when `server.public_url` is unset.

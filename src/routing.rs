@@ -88,12 +88,14 @@ impl RouteTable {
 
     /// Finds the route for a raw request path after checking the path is safe to forward.
     ///
-    /// A path whose percent-decoded form would pick a different route is refused: otherwise
-    /// `/2.0/repositories/acme/%77idgets` could slip past a narrower route's method list.
+    /// A path whose percent-decoded form (once or twice, as [`path::check_path`] assumes an
+    /// upstream may decode) would pick a different route is refused: otherwise
+    /// `/2.0/repositories/acme/%77idgets` or `.../acme/%2577idgets` could slip past a narrower
+    /// route's method list.
     pub fn route(&self, raw_path: &str) -> Result<Option<&Arc<Route>>, PathError> {
         path::check_path(raw_path)?;
         let found = self.longest_match(raw_path.as_bytes());
-        if let Some(decoded) = path::decoded_for_routing(raw_path) {
+        for decoded in path::decoded_for_routing(raw_path) {
             let decoded_match = self.longest_match(&decoded);
             let same = match (found, decoded_match) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -241,6 +243,13 @@ pub(crate) mod tests {
         );
         assert_eq!(
             table.route("/2.0/repositories/acme%2Fwidgets").unwrap_err(),
+            PathError::AmbiguousEncoding
+        );
+        // Decoded twice, as an upstream that decodes twice would read it.
+        assert_eq!(
+            table
+                .route("/2.0/repositories/acme/%2577idgets")
+                .unwrap_err(),
             PathError::AmbiguousEncoding
         );
         assert!(

@@ -1,12 +1,13 @@
 //! The live configuration, swapped atomically on reload; requests keep the one they started with.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::governor::Governor;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
 use crate::upstream::{UpstreamClient, build_client};
@@ -19,10 +20,18 @@ pub struct Generation {
     pub config: Arc<Config>,
     pub client: UpstreamClient,
     pub patterns: Arc<RewritePatterns>,
+    /// Each credential's governor, by name. Governors outlive generations: a reload keeps
+    /// counting what was sent in the last hour.
+    pub governors: HashMap<Arc<str>, Arc<Governor>>,
 }
 
 impl Generation {
-    fn new(number: u64, config: Config, previous: Option<&Generation>) -> Self {
+    fn new(
+        number: u64,
+        config: Config,
+        previous: Option<&Generation>,
+        governors: &Mutex<HashMap<Arc<str>, Arc<Governor>>>,
+    ) -> Self {
         // Keep the connection pool across reloads unless the way upstream is reached changed.
         let client = match previous {
             Some(prev) if prev.config.upstream == config.upstream => prev.client.clone(),
@@ -32,11 +41,25 @@ impl Generation {
             &config.upstream.api,
             &config.upstream.git,
         ));
+        let mut all = governors.lock().unwrap_or_else(|p| p.into_inner());
+        let governors = config
+            .credentials
+            .iter()
+            .map(|credential| {
+                let governor = all
+                    .entry(credential.name.clone())
+                    .or_insert_with(|| Arc::new(Governor::new(credential.rate_limit)))
+                    .clone();
+                governor.set_limit(credential.rate_limit);
+                (credential.name.clone(), governor)
+            })
+            .collect();
         Generation {
             number,
             config: Arc::new(config),
             client,
             patterns,
+            governors,
         }
     }
 }
@@ -47,17 +70,20 @@ pub struct SharedState {
     draining: AtomicBool,
     pub metrics: Arc<Metrics>,
     verify: Mutex<BTreeMap<Arc<str>, VerifyStatus>>,
+    governors: Mutex<HashMap<Arc<str>, Arc<Governor>>>,
 }
 
 impl SharedState {
     pub fn new(config: Config) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.config_generation.set(1);
+        let governors = Mutex::new(HashMap::new());
         SharedState {
-            current: ArcSwap::from_pointee(Generation::new(1, config, None)),
+            current: ArcSwap::from_pointee(Generation::new(1, config, None, &governors)),
             draining: AtomicBool::new(false),
             metrics,
             verify: Mutex::new(BTreeMap::new()),
+            governors,
         }
     }
 
@@ -68,7 +94,12 @@ impl SharedState {
     /// Installs a validated config as the next generation and returns its number.
     pub fn install(&self, config: Config) -> u64 {
         let previous = self.current();
-        let next = Generation::new(previous.number + 1, config, Some(&previous));
+        let next = Generation::new(
+            previous.number + 1,
+            config,
+            Some(&previous),
+            &self.governors,
+        );
         let number = next.number;
         self.current.store(Arc::new(next));
         self.metrics.config_generation.set(number as i64);

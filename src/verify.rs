@@ -90,6 +90,9 @@ fn unauthorized_hint(kind: CredentialKind) -> &'static str {
         CredentialKind::ApiToken => {
             "API tokens authenticate with the Atlassian account email (not the Bitbucket username) and expire within a year: check `email`, then whether the token expired"
         }
+        CredentialKind::OauthClientCredentials => {
+            "the consumer's access token was refused: check the consumer still exists and has the scopes this resource needs"
+        }
         CredentialKind::AppPassword => {
             "app passwords authenticate with the Bitbucket username (not the email), and Bitbucket Cloud stopped accepting them on 2026-07-28: replace it with an API token"
         }
@@ -105,11 +108,16 @@ fn unauthorized_hint(kind: CredentialKind) -> &'static str {
 pub async fn verify_once(generation: &Generation, credential: &Credential) -> VerifyStatus {
     let origin = &generation.config.upstream.api;
     let uri = format!("{origin}{}", probe_path(credential));
+    let timeout = generation.config.upstream.timeout;
+    let authorization = match credential
+        .authorization(UpstreamKind::Api, &generation.client, timeout)
+        .await
+    {
+        Ok(authorization) => authorization,
+        Err(error) => return checked(VerifyState::Unreachable, error.to_string()),
+    };
     let request = Request::get(uri)
-        .header(
-            header::AUTHORIZATION,
-            credential.authorization(UpstreamKind::Api).clone(),
-        )
+        .header(header::AUTHORIZATION, authorization)
         .header(header::ACCEPT, "application/json")
         .body(UpstreamRequestBody::local(Bytes::new()));
     let (state, detail) = match request {
@@ -118,7 +126,6 @@ pub async fn verify_once(generation: &Generation, credential: &Credential) -> Ve
             format!("cannot build the check request: {error}"),
         ),
         Ok(request) => {
-            let timeout = generation.config.upstream.timeout;
             match tokio::time::timeout(timeout, generation.client.request(request)).await {
                 Err(_) => (
                     VerifyState::Unreachable,
@@ -136,6 +143,10 @@ pub async fn verify_once(generation: &Generation, credential: &Credential) -> Ve
             }
         }
     };
+    checked(state, detail)
+}
+
+fn checked(state: VerifyState, detail: String) -> VerifyStatus {
     VerifyStatus {
         state,
         detail,

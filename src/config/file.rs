@@ -58,6 +58,7 @@ pub enum CredentialSection {
         token: SecretSpec,
         #[serde(default)]
         verify: bool,
+        rate_limit: Option<RateLimitSection>,
     },
     ProjectAccessToken {
         workspace: String,
@@ -65,24 +66,36 @@ pub enum CredentialSection {
         token: SecretSpec,
         #[serde(default)]
         verify: bool,
+        rate_limit: Option<RateLimitSection>,
     },
     WorkspaceAccessToken {
         workspace: String,
         token: SecretSpec,
         #[serde(default)]
         verify: bool,
+        rate_limit: Option<RateLimitSection>,
     },
     ApiToken {
         email: String,
         token: SecretSpec,
         #[serde(default)]
         verify: bool,
+        rate_limit: Option<RateLimitSection>,
+    },
+    OauthClientCredentials {
+        client_id: String,
+        client_secret: SecretSpec,
+        token_url: Option<String>,
+        #[serde(default)]
+        verify: bool,
+        rate_limit: Option<RateLimitSection>,
     },
     AppPassword {
         username: String,
         password: SecretSpec,
         #[serde(default)]
         verify: bool,
+        rate_limit: Option<RateLimitSection>,
     },
 }
 
@@ -93,9 +106,29 @@ impl CredentialSection {
             | CredentialSection::ProjectAccessToken { verify, .. }
             | CredentialSection::WorkspaceAccessToken { verify, .. }
             | CredentialSection::ApiToken { verify, .. }
-            | CredentialSection::AppPassword { verify, .. } => *verify,
+            | CredentialSection::AppPassword { verify, .. }
+            | CredentialSection::OauthClientCredentials { verify, .. } => *verify,
         }
     }
+
+    pub fn rate_limit(&self) -> Option<RateLimitSection> {
+        match self {
+            CredentialSection::RepositoryAccessToken { rate_limit, .. }
+            | CredentialSection::ProjectAccessToken { rate_limit, .. }
+            | CredentialSection::WorkspaceAccessToken { rate_limit, .. }
+            | CredentialSection::ApiToken { rate_limit, .. }
+            | CredentialSection::AppPassword { rate_limit, .. }
+            | CredentialSection::OauthClientCredentials { rate_limit, .. } => *rate_limit,
+        }
+    }
+}
+
+/// `rate_limit = { per_hour = 1000, burst = 50 }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub per_hour: u32,
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -328,7 +328,8 @@ credential = "a"
     assert_eq!(
         route
             .credential
-            .authorization(crate::credentials::UpstreamKind::Api),
+            .static_authorization(crate::credentials::UpstreamKind::Api)
+            .unwrap(),
         "Bearer from-file"
     );
 }

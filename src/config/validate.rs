@@ -356,9 +356,13 @@ fn credentials(
                 );
             }
             let verify = section.verify();
+            let rate_limit = section
+                .rate_limit()
+                .and_then(|limit| rate_limit(issues, &key, limit));
             let credential =
                 credential(issues, &key, name.clone(), section, base_dir).map(|mut credential| {
                     credential.verify = verify;
+                    credential.rate_limit = rate_limit;
                     credential
                 });
             (name, credential.map(Arc::new))
@@ -477,8 +481,83 @@ fn credential(
             let password = load_secret(issues, &format!("{key}.password"), &password, base_dir)?;
             ok.then(|| Credential::app_password(name, &username, &password))
         }
+        CredentialSection::OauthClientCredentials {
+            client_id,
+            client_secret,
+            token_url,
+            ..
+        } => {
+            let mut ok = non_empty(issues, "client_id", &client_id);
+            if ok && client_id.contains(':') {
+                issues.error(format!("{key}.client_id"), "must not contain ':'");
+                ok = false;
+            }
+            let url = token_url
+                .as_deref()
+                .unwrap_or(crate::oauth::DEFAULT_TOKEN_URL);
+            let token_url = match parse_token_url(url) {
+                Ok(uri) => Some(uri),
+                Err(why) => {
+                    issues.error(format!("{key}.token_url"), format!("`{url}` {why}"));
+                    None
+                }
+            };
+            let secret = load_secret(
+                issues,
+                &format!("{key}.client_secret"),
+                &client_secret,
+                base_dir,
+            )?;
+            let token_url = token_url.filter(|_| ok)?;
+            Some(Credential::oauth_client_credentials(
+                name, token_url, &client_id, &secret,
+            ))
+        }
     }
 }
+
+/// The token endpoint: an https URL (http only on loopback, for mocks) with a path.
+fn parse_token_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url.parse().map_err(|_| {
+        "is not a URL (valid: \"https://bitbucket.org/site/oauth2/access_token\")".to_owned()
+    })?;
+    let origin = format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.authority().map_or("", |a| a.as_str())
+    );
+    parse_origin(&origin).and_then(require_tls_unless_loopback)?;
+    Ok(uri)
+}
+
+fn rate_limit(
+    issues: &mut Issues,
+    key: &str,
+    section: super::file::RateLimitSection,
+) -> Option<crate::credentials::RateLimit> {
+    if section.per_hour == 0 {
+        issues.error(
+            format!("{key}.rate_limit.per_hour"),
+            "must be at least 1 (Bitbucket's budget is 1000/h for most APIs)",
+        );
+        return None;
+    }
+    let burst = section.burst.unwrap_or(DEFAULT_BURST.min(section.per_hour));
+    if burst == 0 || burst > section.per_hour {
+        issues.error(
+            format!("{key}.rate_limit.burst"),
+            format!("must be between 1 and per_hour ({})", section.per_hour),
+        );
+        return None;
+    }
+    Some(crate::credentials::RateLimit {
+        per_hour: section.per_hour,
+        burst,
+    })
+}
+
+/// Requests a credential with `rate_limit` may send back to back when `burst` is not given.
+const DEFAULT_BURST: u32 = 10;
 
 fn load_secret(
     issues: &mut Issues,
