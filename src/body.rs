@@ -1,8 +1,8 @@
 //! Body types: streaming wrappers that bound idleness and count bytes, never buffering.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -366,8 +366,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_secs(3)).await;
         };
-        let result =
-            timeout_at_unless_moving(started + idle, idle, progress.clone(), upload).await;
+        let result = timeout_at_unless_moving(started + idle, idle, progress.clone(), upload).await;
         assert!(result.is_ok());
         assert_eq!(started.elapsed(), Duration::from_secs(15));
 
@@ -379,9 +378,13 @@ mod tests {
         assert_eq!(again.elapsed(), idle);
 
         // Without a body to watch it is a plain deadline.
-        let result =
-            timeout_at_unless_moving(Instant::now() + idle, idle, None, std::future::pending::<()>())
-                .await;
+        let result = timeout_at_unless_moving(
+            Instant::now() + idle,
+            idle,
+            None,
+            std::future::pending::<()>(),
+        )
+        .await;
         assert!(result.is_err());
     }
 

@@ -37,10 +37,7 @@ impl Generation {
             Some(prev) if prev.config.upstream == config.upstream => prev.client.clone(),
             _ => build_client(&config.upstream),
         };
-        let patterns = Arc::new(RewritePatterns::new(
-            &config.upstream.api,
-            &config.upstream.git,
-        ));
+        let patterns = Arc::new(RewritePatterns::new(&config));
         let mut all = governors.lock().unwrap_or_else(|p| p.into_inner());
         let governors = config
             .credentials

@@ -2,7 +2,8 @@
 //! clients that follow `next`, `links.*.href`, `Location` or `Link` stay behind it.
 //!
 //! The body rewrite streams. [`LinkRewriter::process`] works chunk by chunk and carries over at
-//! most one unfinished URL (bounded by [`MAX_URL_TAIL`]) between chunks; nothing else is held.
+//! most the start of one URL (an origin and a route prefix, a few dozen bytes) between chunks;
+//! nothing else is held.
 //!
 //! Compressed JSON is decoded on the fly and sent to the client as identity. Re-encoding would
 //! cost far more CPU than decoding (gzip level 6 compresses at a fraction of its decode speed)
@@ -23,13 +24,10 @@ use memchr::memmem;
 use pin_project_lite::pin_project;
 
 use crate::body::{BoxError, ProxyBody, TimedBody};
-use crate::config::{Config, Origin};
+use crate::config::Config;
 use crate::credentials::UpstreamKind;
 use crate::routing::{Route, RouteTable};
 
-/// The longest URL path (after the origin) the rewriter waits for across chunks. Longer runs
-/// are passed through unchanged rather than buffered.
-pub const MAX_URL_TAIL: usize = 4096;
 /// Compressed input is fed to the decoder in slices this big, bounding what one slice can
 /// expand to (deflate's worst case is about 1000:1).
 const DECODE_SLICE: usize = 4096;
@@ -42,34 +40,53 @@ struct Needle {
     escaped: bool,
 }
 
-/// The upstream origins to look for, compiled once per config generation.
+/// One route read backwards: an upstream path prefix and the local prefix that replaces it,
+/// in both the plain and the JSON-escaped form.
+struct Mapping {
+    prefix: Arc<str>,
+    upstream: UpstreamKind,
+    upstream_base: [Vec<u8>; 2],
+    local_base: [Vec<u8>; 2],
+}
+
+/// What the rewriter looks for and what it writes instead, compiled once per config generation.
 ///
 /// Each origin is searched with its own SIMD substring finder. URLs are so dense in Bitbucket's
 /// JSON that a multi-pattern automaton keyed on rare bytes kept stopping on false candidates
-/// (`bench/rewrite.rs` measured it at a third of this speed).
+/// (`bench/rewrite.rs` measured it at a third of this speed). After an origin only the route
+/// prefix is compared; the rest of the URL is copied like any other byte.
 pub struct RewritePatterns {
     /// API origin plain and escaped, then git origin plain and escaped. REST routes use the
     /// first two; git routes all four.
     needles: Vec<Needle>,
-    longest: usize,
+    /// Longest upstream prefix first; on a tie a transparent route (prefix = upstream_prefix)
+    /// first, so links keep their familiar shape.
+    mappings: Vec<Mapping>,
+    longest_needle: usize,
+    longest_base: usize,
 }
 
 impl std::fmt::Debug for RewritePatterns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RewritePatterns")
             .field("needles", &self.needles.len())
+            .field("mappings", &self.mappings.len())
             .finish()
     }
 }
 
+fn escape_slashes(text: &str) -> String {
+    text.replace('/', "\\/")
+}
+
 impl RewritePatterns {
-    pub fn new(api: &Origin, git: &Origin) -> Self {
-        let escaped = |o: &Origin| o.text.replace('/', "\\/");
+    pub fn new(config: &Config) -> Self {
+        let (api, git) = (&config.upstream.api, &config.upstream.git);
         let needles: Vec<Needle> = [
             (api.text.clone(), UpstreamKind::Api, false),
-            (escaped(api), UpstreamKind::Api, true),
+            (escape_slashes(&api.text), UpstreamKind::Api, true),
             (git.text.clone(), UpstreamKind::Git, false),
-            (escaped(git), UpstreamKind::Git, true),
+            (escape_slashes(&git.text), UpstreamKind::Git, true),
         ]
         .into_iter()
         .map(|(text, upstream, escaped)| Needle {
@@ -78,13 +95,38 @@ impl RewritePatterns {
             escaped,
         })
         .collect();
+        let mut mappings: Vec<Mapping> = config
+            .routes
+            .routes()
+            .iter()
+            .map(|route| {
+                let upstream_base = route.upstream_prefix.trim_end_matches('/');
+                let local_base = RouteTable::local_base(route);
+                Mapping {
+                    prefix: route.prefix.clone(),
+                    upstream: route.upstream,
+                    upstream_base: [upstream_base.into(), escape_slashes(upstream_base).into()],
+                    local_base: [local_base.into(), escape_slashes(local_base).into()],
+                }
+            })
+            .collect();
+        mappings.sort_by_key(|m| {
+            let transparent = m.upstream_base[0] == m.local_base[0];
+            (std::cmp::Reverse(m.upstream_base[0].len()), !transparent)
+        });
         RewritePatterns {
-            longest: needles
+            longest_needle: needles
                 .iter()
                 .map(|n| n.finder.needle().len())
                 .max()
                 .unwrap_or(0),
+            longest_base: mappings
+                .iter()
+                .map(|m| m.upstream_base[1].len())
+                .max()
+                .unwrap_or(0),
             needles,
+            mappings,
         }
     }
 
@@ -93,6 +135,11 @@ impl RewritePatterns {
             UpstreamKind::Api => &self.needles[..2],
             UpstreamKind::Git => &self.needles,
         }
+    }
+
+    /// How far past an origin the rewriter may need to look to settle a URL.
+    fn lookahead(&self) -> usize {
+        self.longest_needle + self.longest_base + 2
     }
 }
 
@@ -246,21 +293,27 @@ pub struct LinkRewriter {
     config: Arc<Config>,
     patterns: Arc<RewritePatterns>,
     route: Arc<Route>,
-    proxy_origin: Bytes,
+    /// The request's own route in `patterns.mappings`, tried first.
+    preferred: Option<usize>,
+    /// `http://host` of the proxy, plain and JSON-escaped.
+    proxy_origin: [Bytes; 2],
     /// An unfinished match, or a possible start of one, from the previous chunk.
     carry: Vec<u8>,
-    /// Reused buffers: `carry` joined with the next chunk's head, and an unescaped `\/` path.
+    /// Reused: `carry` joined with the next chunk's head.
     joined: Vec<u8>,
-    unescaped: Vec<u8>,
 }
 
-/// What follows an origin match.
-enum Tail {
-    /// The URL ends `len` bytes after the origin.
-    Complete { len: usize },
-    /// The input ended before the URL did.
+/// What an origin match turned out to be.
+enum Verdict {
+    /// Rewrite `consumed` bytes after the origin (the matched upstream prefix) into this
+    /// mapping's local prefix (`None`: keep the path, replace only the origin).
+    Rewrite {
+        consumed: usize,
+        mapping: Option<usize>,
+    },
+    /// The input ended before the URL could be judged.
     NeedMore,
-    /// Not a URL of that origin (`https://api.bitbucket.org.evil.example`), or too long.
+    /// Not a URL of that origin (`https://api.bitbucket.org.evil.example`).
     NotOurs,
 }
 
@@ -283,10 +336,7 @@ impl LinkRewriter {
             .iter()
             .find(|r| &*r.prefix == prefix)?
             .clone();
-        let patterns = Arc::new(RewritePatterns::new(
-            &config.upstream.api,
-            &config.upstream.git,
-        ));
+        let patterns = Arc::new(RewritePatterns::new(&config));
         Some(LinkRewriter::new(
             config,
             patterns,
@@ -301,27 +351,32 @@ impl LinkRewriter {
         route: Arc<Route>,
         proxy_origin: Bytes,
     ) -> Self {
+        let preferred = patterns
+            .mappings
+            .iter()
+            .position(|m| m.prefix == route.prefix);
+        let escaped = Bytes::from(escape_slashes(&String::from_utf8_lossy(&proxy_origin)));
         LinkRewriter {
             config,
             patterns,
             route,
-            proxy_origin,
+            preferred,
+            proxy_origin: [proxy_origin, escaped],
             carry: Vec::new(),
             joined: Vec::new(),
-            unescaped: Vec::new(),
         }
     }
 
     /// Rewrites the next piece of a body. With `last`, everything carried is flushed.
     ///
     /// Each input byte is copied once, into the output. Only a URL cut by a chunk boundary is
-    /// carried, and joining it with the next chunk copies just that chunk's first
-    /// `MAX_URL_TAIL` bytes or so, never the whole chunk.
+    /// carried, and joining it with the next chunk copies just that chunk's first few dozen
+    /// bytes, never the whole chunk.
     pub fn process(&mut self, input: &[u8], last: bool) -> Bytes {
         let mut out = BytesMut::with_capacity(input.len() + self.carry.len() + 64);
         let mut from = 0;
         if !self.carry.is_empty() {
-            let head = input.len().min(self.patterns.longest + MAX_URL_TAIL + 2);
+            let head = input.len().min(self.patterns.lookahead());
             let carried = self.carry.len();
             let mut joined = std::mem::take(&mut self.joined);
             joined.clear();
@@ -334,8 +389,8 @@ impl LinkRewriter {
                 return out.freeze();
             }
             // Settle the matches that start in the carried bytes; the rest of the input is
-            // scanned in place below. `joined` reaches far enough past the carry to end any
-            // URL short enough to rewrite.
+            // scanned in place below. `joined` reaches far enough past the carry to judge any
+            // URL that starts in it.
             match self.scan(&joined, 0, Some(carried), false, &mut out) {
                 Scan::Done { end } if end < carried => out.extend_from_slice(&joined[end..carried]),
                 Scan::Done { end } => from = end - carried,
@@ -368,19 +423,18 @@ impl LinkRewriter {
         }
     }
 
-    /// Writes `buf[from..]` with URLs rewritten, up to the end of the last rewritten URL
-    /// (`Done`), or up to a URL that needs more input (`Unfinished`). With `starts_before`,
-    /// only matches starting before that offset are considered.
+    /// Writes `buf[from..]` with upstream origins rewritten, up to the end of the last rewritten
+    /// one (`Done`), or up to a match that needs more input (`Unfinished`). With
+    /// `starts_before`, only matches starting before that offset are considered.
     fn scan(
-        &mut self,
+        &self,
         buf: &[u8],
         from: usize,
         starts_before: Option<usize>,
         last: bool,
         out: &mut BytesMut,
     ) -> Scan {
-        let patterns = self.patterns.clone();
-        let needles = patterns.for_route(self.route.upstream);
+        let needles = self.patterns.for_route(self.route.upstream);
         // The next occurrence of each needle at or after `search_from`; `None` once exhausted.
         let mut next: [Option<usize>; 4] = [Some(usize::MAX); 4];
         let mut pos = from;
@@ -408,15 +462,19 @@ impl LinkRewriter {
             }
             let needle = &needles[index];
             let end = start + needle.finder.needle().len();
-            match parse_tail(&buf[end..], needle.escaped, last) {
-                Tail::Complete { len } => {
+            match self.judge(&buf[end..], needle.upstream, needle.escaped, last) {
+                Verdict::Rewrite { consumed, mapping } => {
+                    let form = usize::from(needle.escaped);
                     out.extend_from_slice(&buf[pos..start]);
-                    self.write_url(out, needle.upstream, needle.escaped, &buf[end..end + len]);
-                    pos = end + len;
+                    out.extend_from_slice(&self.proxy_origin[form]);
+                    if let Some(mapping) = mapping {
+                        out.extend_from_slice(&self.patterns.mappings[mapping].local_base[form]);
+                    }
+                    pos = end + consumed;
                     search_from = pos;
                 }
-                Tail::NotOurs => search_from = start + 1,
-                Tail::NeedMore => {
+                Verdict::NotOurs => search_from = start + 1,
+                Verdict::NeedMore => {
                     out.extend_from_slice(&buf[pos..start]);
                     return Scan::Unfinished { start };
                 }
@@ -425,9 +483,54 @@ impl LinkRewriter {
         Scan::Done { end: pos }
     }
 
+    /// Decides what follows an origin: a route's upstream prefix on a segment boundary (the
+    /// request's own route first, then the longest), just a path no route covers, or a longer
+    /// host name that only starts like the origin.
+    fn judge(&self, rest: &[u8], upstream: UpstreamKind, escaped: bool, last: bool) -> Verdict {
+        match rest.first() {
+            None if !last => return Verdict::NeedMore,
+            Some(&b) if is_host_char(b) => return Verdict::NotOurs,
+            _ => {}
+        }
+        let form = usize::from(escaped);
+        let candidates = self
+            .preferred
+            .into_iter()
+            .chain(0..self.patterns.mappings.len())
+            .filter(|&i| self.patterns.mappings[i].upstream == upstream);
+        for index in candidates {
+            let base = &self.patterns.mappings[index].upstream_base[form];
+            if rest.len() < base.len() {
+                if !last && base.starts_with(rest) {
+                    return Verdict::NeedMore;
+                }
+                continue;
+            }
+            if !rest.starts_with(base) {
+                continue;
+            }
+            match segment_boundary(&rest[base.len()..], escaped, last) {
+                Some(true) => {
+                    return Verdict::Rewrite {
+                        consumed: base.len(),
+                        mapping: Some(index),
+                    };
+                }
+                Some(false) => {}
+                None => return Verdict::NeedMore,
+            }
+        }
+        Verdict::Rewrite {
+            consumed: 0,
+            mapping: None,
+        }
+    }
+
     /// How many trailing bytes of `tail` could begin an origin cut by the chunk boundary.
     fn needle_prefix_suffix(&self, tail: &[u8]) -> usize {
-        let max = tail.len().min(self.patterns.longest.saturating_sub(1));
+        let max = tail
+            .len()
+            .min(self.patterns.longest_needle.saturating_sub(1));
         (1..=max)
             .rev()
             .find(|&k| {
@@ -440,41 +543,8 @@ impl LinkRewriter {
             .unwrap_or(0)
     }
 
-    fn write_url(
-        &mut self,
-        out: &mut BytesMut,
-        upstream: UpstreamKind,
-        escaped: bool,
-        raw_path: &[u8],
-    ) {
-        if !(escaped && raw_path.contains(&b'\\')) {
-            self.emit(out, upstream, escaped, raw_path);
-            return;
-        }
-        // `parse_tail` accepted a backslash only as the first half of `\/`.
-        let mut path = std::mem::take(&mut self.unescaped);
-        path.clear();
-        path.extend(raw_path.iter().copied().filter(|&b| b != b'\\'));
-        self.emit(out, upstream, escaped, &path);
-        self.unescaped = path;
-    }
-
-    fn emit(&self, out: &mut BytesMut, upstream: UpstreamKind, escaped: bool, path: &[u8]) {
-        let (base, rest) = self.map_path(upstream, path);
-        if escaped {
-            push_escaped(out, &self.proxy_origin);
-            push_escaped(out, base.as_bytes());
-            push_escaped(out, rest);
-        } else {
-            out.extend_from_slice(&self.proxy_origin);
-            out.extend_from_slice(base.as_bytes());
-            out.extend_from_slice(rest);
-        }
-    }
-
-    /// The inverse of the route table: the request's own route first, then the longest
-    /// `upstream_prefix`; an uncovered path is kept (the client then gets the proxy's 404).
-    /// Returns the local prefix and the rest of the path to append to it.
+    /// The inverse of the route table for a path (relative redirects): the request's own route
+    /// first, then the longest `upstream_prefix`; an uncovered path is kept.
     fn map_path<'p>(&self, upstream: UpstreamKind, path: &'p [u8]) -> (&str, &'p [u8]) {
         let mapped = std::str::from_utf8(path).ok().and_then(|text| {
             self.config
@@ -513,58 +583,22 @@ impl LinkRewriter {
             self.config.clone(),
             self.patterns.clone(),
             self.route.clone(),
-            self.proxy_origin.clone(),
+            self.proxy_origin[0].clone(),
         );
         once.process(value, true)
     }
 }
 
-fn push_escaped(out: &mut BytesMut, text: &[u8]) {
-    for piece in text.split_inclusive(|&b| b == b'/') {
-        match piece.split_last() {
-            Some((b'/', head)) => {
-                out.extend_from_slice(head);
-                out.extend_from_slice(b"\\/");
-            }
-            _ => out.extend_from_slice(piece),
-        }
-    }
-}
-
-/// Measures the path that follows an origin, up to the query, fragment or end of the URL. In
-/// the escaped form a path separator is `\/`.
-fn parse_tail(input: &[u8], escaped: bool, last: bool) -> Tail {
-    let mut i = 0;
-    loop {
-        if i > MAX_URL_TAIL {
-            return Tail::NotOurs;
-        }
-        let Some(&b) = input.get(i) else {
-            return if last {
-                Tail::Complete { len: i }
-            } else {
-                Tail::NeedMore
-            };
-        };
-        // Right after the origin only '/' or the end of the URL may follow.
-        if i == 0 && is_host_char(b) {
-            return Tail::NotOurs;
-        }
-        if b == b'/' || (i > 0 && PATH_CHARS[usize::from(b)]) {
-            i += 1;
-            continue;
-        }
-        if b == b'\\' && escaped {
-            match input.get(i + 1) {
-                Some(b'/') => {
-                    i += 2;
-                    continue;
-                }
-                None if !last => return Tail::NeedMore,
-                _ => {}
-            }
-        }
-        return Tail::Complete { len: i };
+/// Whether a path continues past a prefix on a segment boundary: `Some(true)` at `/` (`\/` in
+/// the escaped form) or the end of the URL, `Some(false)` inside a segment (`widgets-evil`
+/// after `widgets`), `None` when the input ends too soon to tell.
+fn segment_boundary(after: &[u8], escaped: bool, last: bool) -> Option<bool> {
+    match after.first() {
+        None => last.then_some(true),
+        Some(b'/') => Some(true),
+        // `\/` or an escape that ends the string: a boundary either way, once it can be seen.
+        Some(b'\\') if escaped && after.len() < 2 => last.then_some(true),
+        Some(&b) => Some(!PATH_CHARS[usize::from(b)]),
     }
 }
 
@@ -573,7 +607,7 @@ fn is_host_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'@')
 }
 
-/// RFC 3986 `pchar` and `/`, without the sub-delimiters that end URLs in prose and headers.
+/// RFC 3986 `pchar`: bytes that continue a path segment.
 static PATH_CHARS: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -582,21 +616,23 @@ static PATH_CHARS: [bool; 256] = {
         table[b] = c.is_ascii_alphanumeric()
             || matches!(
                 c,
-                b'/' | b'-'
-                    | b'.'
+                b'-' | b'.'
                     | b'_'
                     | b'~'
                     | b'%'
                     | b'!'
                     | b'$'
                     | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
                     | b'+'
+                    | b','
+                    | b';'
                     | b'='
                     | b':'
                     | b'@'
-                    | b'{'
-                    | b'}'
-                    | b'*'
             );
         b += 1;
     }
