@@ -10,6 +10,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod egress;
 pub mod error;
 pub mod governor;
 pub mod headers;

@@ -14,8 +14,9 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamSettings;
+use crate::egress::EgressConnector;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamRequestBody>;
 
 /// How long an unused pooled connection is kept. Bitbucket's edge closes idle connections on its
 /// own schedule; a stale pooled connection is retried by the client, so this only bounds sockets.
@@ -103,7 +104,7 @@ pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(EgressConnector::new(http, settings.proxy.as_ref()));
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -48,6 +48,9 @@ pub struct UpstreamSection {
     pub timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub verify_interval: Option<String>,
+    pub proxy: Option<String>,
+    pub proxy_username: Option<String>,
+    pub proxy_password: Option<SecretSpec>,
 }
 
 #[derive(Debug, Deserialize)]

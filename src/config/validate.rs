@@ -273,7 +273,52 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
             section.verify_interval.as_deref(),
             DEFAULT_VERIFY_INTERVAL,
         ),
+        proxy: egress_proxy(issues, section, base_dir),
     }
+}
+
+/// `upstream.proxy` (`http://host:port`) with optional `proxy_username` / `proxy_password`.
+fn egress_proxy(
+    issues: &mut Issues,
+    section: &super::file::UpstreamSection,
+    base_dir: &Path,
+) -> Option<crate::egress::EgressProxy> {
+    let Some(url) = section.proxy.as_deref() else {
+        if section.proxy_username.is_some() || section.proxy_password.is_some() {
+            issues.error(
+                "upstream.proxy_username",
+                "proxy credentials need upstream.proxy (valid: proxy = \"http://proxy.internal:3128\")",
+            );
+        }
+        return None;
+    };
+    let origin = match parse_origin(url) {
+        Ok(origin) if origin.scheme == Scheme::HTTP => origin,
+        Ok(_) => {
+            issues.error("upstream.proxy", format!("`{url}` must be an http:// proxy (the TLS to Bitbucket runs inside its CONNECT tunnel)"));
+            return None;
+        }
+        Err(why) => {
+            issues.error("upstream.proxy", format!("`{url}` {why}"));
+            return None;
+        }
+    };
+    let authorization = match (&section.proxy_username, &section.proxy_password) {
+        (None, None) => None,
+        (Some(user), Some(password)) if !user.is_empty() && !user.contains(':') => {
+            let password = load_secret(issues, "upstream.proxy_password", password, base_dir)?;
+            Some(crate::secrets::basic_auth_header(user, &password))
+        }
+        _ => {
+            issues.error(
+                "upstream.proxy_username",
+                "give both proxy_username (without ':') and proxy_password, or neither",
+            );
+            return None;
+        }
+    };
+    let url = origin.text.parse().ok()?;
+    Some(crate::egress::EgressProxy { url, authorization })
 }
 
 /// Parses `scheme://host[:port]` with nothing after the authority but an optional `/`.
