@@ -333,3 +333,74 @@ credential = "a"
         "Bearer from-file"
     );
 }
+
+#[test]
+fn oauth_rate_limit_and_egress_keys_are_validated() {
+    let lines = messages(
+        r#"
+[upstream]
+proxy = "https://egress.corp:3128"
+proxy_username = "ci"
+
+[credentials.consumer]
+kind = "oauth_client_credentials"
+client_id = "Ab:Cd"
+client_secret = { value = "s" }
+token_url = "http://bitbucket.org/site/oauth2/access_token"
+rate_limit = { per_hour = 0 }
+
+[credentials.ws]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "t" }
+rate_limit = { per_hour = 10, burst = 11 }
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "ws"
+"#,
+    );
+    let expect = [
+        "upstream.proxy: `https://egress.corp:3128` must be an http:// proxy",
+        "credentials.consumer.client_id: must not contain ':'",
+        "credentials.consumer.token_url: `http://bitbucket.org/site/oauth2/access_token` must use https://",
+        "credentials.consumer.rate_limit.per_hour: must be at least 1",
+        "credentials.ws.rate_limit.burst: must be between 1 and per_hour (10)",
+    ];
+    for expected in expect {
+        assert!(
+            lines.iter().any(|l| l.contains(expected)),
+            "missing {expected:?} in\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(lines.len(), expect.len(), "{}", lines.join("\n"));
+}
+
+#[test]
+fn oauth_consumers_default_to_bitbuckets_token_endpoint() {
+    let config = load(
+        r#"
+[credentials.consumer]
+kind = "oauth_client_credentials"
+client_id = "AbCdEf"
+client_secret = { value = "s" }
+rate_limit = { per_hour = 1000, burst = 50 }
+
+[[routes]]
+prefix = "/2.0"
+credential = "consumer"
+"#,
+    )
+    .unwrap();
+    let credential = &config.credentials[0];
+    assert_eq!(credential.kind, CredentialKind::OauthClientCredentials);
+    assert!(credential.renews_tokens());
+    assert_eq!(
+        credential.rate_limit,
+        Some(crate::credentials::RateLimit {
+            per_hour: 1000,
+            burst: 50
+        })
+    );
+}

@@ -1,0 +1,288 @@
+//! Issue 5: OAuth consumers. A mock token endpoint on loopback counts its calls and issues
+//! short-lived tokens; a mock API accepts only the current token.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bitbucket_auth_proxy::Config;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use support::*;
+
+const CLIENT_ID: &str = "AbCdEf";
+const CLIENT_SECRET: &str = "consumer-secret-Qw7";
+
+/// A token endpoint that hands out `token-1`, `token-2`, … with a given lifetime.
+struct TokenEndpoint {
+    mock: MockUpstream,
+    calls: Arc<AtomicUsize>,
+}
+
+impl TokenEndpoint {
+    fn start(pki: &TestPki, expires_in: u64, delay: Duration, status: StatusCode) -> TokenEndpoint {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let mock = MockUpstream::start(pki.server_config(), move |head, body| {
+            let counter = counter.clone();
+            async move {
+                let body = collect_body(body).await;
+                assert_eq!(head.method, Method::POST);
+                assert_eq!(&body[..], b"grant_type=client_credentials");
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))
+                );
+                assert_eq!(head.header("authorization"), Some(expected.as_str()));
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(delay).await;
+                let json = if status == StatusCode::OK {
+                    format!(
+                        r#"{{"access_token":"token-{n}","expires_in":{expires_in},"token_type":"bearer","scopes":"repository"}}"#
+                    )
+                } else {
+                    r#"{"error":"invalid_client","error_description":"Invalid OAuth client credentials"}"#.to_owned()
+                };
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(full_body(json))
+                    .unwrap()
+            }
+        });
+        TokenEndpoint { mock, calls }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// An API that accepts only `Bearer token-N` for the newest N it has been told about
+/// (`accept_from`): older tokens get a 401, as Bitbucket answers for a revoked token.
+fn api(pki: &TestPki, accept_from: Arc<AtomicUsize>) -> MockUpstream {
+    MockUpstream::start_simple(pki.server_config(), move |head| {
+        let auth = head.header("authorization").unwrap_or_default().to_owned();
+        let number = token_number(&auth);
+        if number == 0 || number < accept_from.load(Ordering::SeqCst) {
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", "Basic realm=\"Bitbucket.org HTTP\"")
+                .body(Full::new(Bytes::from_static(
+                    b"{\"type\":\"error\",\"error\":{\"message\":\"Access token expired.\"}}",
+                )))
+                .unwrap();
+        }
+        Response::new(Full::new(Bytes::from(format!("ok with {auth}"))))
+    })
+}
+
+/// N for `Bearer token-N` or git's `Basic base64(x-token-auth:token-N)`; 0 for anything else.
+fn token_number(authorization: &str) -> usize {
+    if let Some(n) = authorization.strip_prefix("Bearer token-") {
+        return n.parse().unwrap_or(0);
+    }
+    authorization
+        .strip_prefix("Basic ")
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .and_then(|plain| String::from_utf8(plain).ok())
+        .and_then(|plain| plain.strip_prefix("x-token-auth:token-")?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn start_proxy(
+    pki: &TestPki,
+    api: &MockUpstream,
+    tokens: &TokenEndpoint,
+) -> bitbucket_auth_proxy::RunningProxy {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[upstream]
+api_url = "{api}"
+git_url = "{api}"
+ca_file = "{ca}"
+timeout = "5s"
+
+[credentials.ci-consumer]
+kind = "oauth_client_credentials"
+client_id = "{CLIENT_ID}"
+client_secret = {{ value = "{CLIENT_SECRET}" }}
+token_url = "{tokens}/site/oauth2/access_token"
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "ci-consumer"
+
+[[routes]]
+prefix = "/git/acme"
+upstream = "git"
+upstream_prefix = "/acme"
+credential = "ci-consumer"
+"#,
+        api = api.base_url(),
+        tokens = tokens.mock.base_url(),
+        ca = pki.ca_path().display(),
+    );
+    let config = Config::from_toml(Path::new("oauth.toml"), &text).expect("valid config");
+    bitbucket_auth_proxy::start(config)
+        .await
+        .expect("proxy starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_fetched_once_cached_and_sent_as_bearer_and_git_basic() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::ZERO, StatusCode::OK);
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    for _ in 0..5 {
+        let response = get(addr, "/2.0/repositories/acme/widgets").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            body_string(response.into_body()).await,
+            "ok with Bearer token-1"
+        );
+    }
+    let git = get(
+        addr,
+        "/git/acme/widgets.git/info/refs?service=git-upload-pack",
+    )
+    .await;
+    assert_eq!(git.status(), StatusCode::OK);
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("x-token-auth:token-1")
+    );
+    assert_eq!(
+        api.last_request().unwrap().header("authorization"),
+        Some(expected.as_str())
+    );
+    assert_eq!(tokens.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_token_request() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::from_millis(300), StatusCode::OK);
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        requests.spawn(async move { get(addr, "/2.0/repositories/acme/widgets").await.status() });
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(tokens.calls(), 1, "single-flight renewal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_renewed_before_they_expire() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 1, Duration::ZERO, StatusCode::OK);
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    let first = body_string(
+        get(addr, "/2.0/repositories/acme/widgets")
+            .await
+            .into_body(),
+    )
+    .await;
+    assert_eq!(first, "ok with Bearer token-1");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = body_string(
+        get(addr, "/2.0/repositories/acme/widgets")
+            .await
+            .into_body(),
+    )
+    .await;
+    assert_eq!(second, "ok with Bearer token-2");
+    assert_eq!(tokens.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_renewed_once_and_idempotent_requests_retried() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::ZERO, StatusCode::OK);
+    let accept_from = Arc::new(AtomicUsize::new(1));
+    let api = api(&pki, accept_from.clone());
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    assert_eq!(
+        get(addr, "/2.0/repositories/acme/widgets").await.status(),
+        StatusCode::OK
+    );
+
+    // Bitbucket revokes token-1 early: the next GET is answered with token-2, transparently.
+    accept_from.store(2, Ordering::SeqCst);
+    let response = get(addr, "/2.0/repositories/acme/widgets").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        body_string(response.into_body()).await,
+        "ok with Bearer token-2"
+    );
+    assert_eq!(tokens.calls(), 2);
+
+    // A POST with a body is not resent: the client sees the 401, and the token is renewed
+    // for the next request only once.
+    accept_from.store(3, Ordering::SeqCst);
+    let before = api.request_count();
+    let post = Request::post("/2.0/repositories/acme/widgets/pullrequests")
+        .header("content-type", "application/json")
+        .body(full_body("{\"title\":\"x\"}"))
+        .unwrap();
+    let response = send(addr, post).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.request_count(),
+        before + 1,
+        "the POST went upstream once"
+    );
+
+    // A token that is refused even after renewal is not renewed in a loop.
+    accept_from.store(100, Ordering::SeqCst);
+    let calls = tokens.calls();
+    let response = get(addr, "/2.0/repositories/acme/widgets").await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        tokens.calls() <= calls + 1,
+        "renewed at most once per request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_failures_are_502_naming_the_credential_never_the_secret() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::ZERO, StatusCode::UNAUTHORIZED);
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let response = get(proxy.local_addrs()[0], "/2.0/repositories/acme/widgets").await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        response.headers()["x-bitbucket-auth-proxy"],
+        "token-endpoint"
+    );
+    let body = body_string(response.into_body()).await;
+    assert!(
+        body.contains("ci-consumer") && body.contains("invalid_client"),
+        "{body}"
+    );
+    assert!(!body.contains(CLIENT_SECRET));
+    assert_eq!(
+        api.request_count(),
+        0,
+        "nothing is sent without a credential"
+    );
+}
