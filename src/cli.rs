@@ -118,7 +118,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
-    init_logging(log_format);
+    let _flush_logs_on_exit = init_logging(log_format);
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,

@@ -30,7 +30,11 @@ pub enum LogFormat {
 const DEFAULT_FILTER: &str = "info";
 
 /// Installs the global subscriber: `RUST_LOG` filtering, text on a terminal, JSON otherwise.
-pub fn init_logging(format: Option<LogFormat>) {
+///
+/// Lines are written by a background thread (a bounded queue that blocks rather than drops
+/// when full), so request threads never wait on the stderr pipe. Keep the returned guard alive
+/// until exit: dropping it flushes what is queued.
+pub fn init_logging(format: Option<LogFormat>) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
@@ -38,13 +42,18 @@ pub fn init_logging(format: Option<LogFormat>) {
     } else {
         LogFormat::Json
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(format == LogFormat::Text && std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 /// Request-body bytes, counted by the forwarding phase, read by the access log.
