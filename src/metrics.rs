@@ -89,8 +89,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("bitbucket_auth_proxy");
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram),
@@ -107,84 +106,84 @@ impl Metrics {
             ratelimit_local_sent: Family::default(),
             ratelimit_local_remaining: Family::default(),
             ratelimit_local_refused: Family::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("bitbucket_auth_proxy"),
         };
-        registry.register(
+        metrics.registry.register(
             "requests",
             "Requests by route, credential, method and status class",
             metrics.requests.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "request_duration_seconds",
             "Time from request to the end of the response body",
             metrics.request_duration.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "upstream_response_seconds",
             "Time until Bitbucket's response headers arrived",
             metrics.upstream_latency.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "request_bytes",
             "Request body bytes sent upstream",
             metrics.bytes_in.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "response_bytes",
             "Response body bytes sent to clients",
             metrics.bytes_out.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "in_flight_requests",
             "Requests being served",
             metrics.in_flight.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "upstream_errors",
             "Failures reaching Bitbucket, by kind",
             metrics.upstream_errors.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "config_reloads",
             "Config reloads by result",
             metrics.config_reloads.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "config_generation",
             "Generation of the config in use (1 at start-up)",
             metrics.config_generation.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_limit",
             "Last X-RateLimit-Limit Bitbucket reported, per credential",
             metrics.ratelimit_limit.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_near_limit",
             "Last X-RateLimit-NearLimit Bitbucket reported (1 = true), per credential",
             metrics.ratelimit_near_limit.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_remaining",
             "Last X-RateLimit-Remaining Bitbucket reported, per credential",
             metrics.ratelimit_remaining.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "credential_verify",
             "Result of the last credential check (1 for the current state)",
             metrics.credential_verify.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_local_sent",
             "Requests the proxy sent upstream with this credential in the last hour",
             metrics.ratelimit_local_sent.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_local_remaining",
             "What is left of the credential's rate_limit.per_hour budget for the rolling hour",
             metrics.ratelimit_local_remaining.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ratelimit_local_refused",
             "Requests refused locally with 429 by the credential's rate_limit",
             metrics.ratelimit_local_refused.clone(),
@@ -195,11 +194,10 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        registry.register("build_info", "Build information", build_info);
-        Metrics {
-            registry,
-            ..metrics
-        }
+        metrics
+            .registry
+            .register("build_info", "Build information", build_info);
+        metrics
     }
 
     /// The Prometheus text exposition.
