@@ -2,21 +2,21 @@
 //! value full of `links.*.href`) through the proxy with `rewrite_links` on and off.
 //!
 //! Run: `cargo bench --bench rewrite` (release build). Everything is in one process on
-//! loopback: a plain-HTTP upstream (so TLS does not hide the rewriting cost), the proxy with
-//! two routes to the same upstream, and a client. Modes are interleaved A B A B … so drift on a
-//! shared machine hits both.
+//! loopback: an upstream, the proxy with two routes to it (rewriting on and off), and a client.
+//! Two upstreams are measured: TLS with h2 offered, as Bitbucket is, and plain HTTP, where
+//! nothing hides the rewriting cost. Modes are interleaved A B A B … so drift on a shared
+//! machine hits both.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Response, header};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
 const PAGE_BYTES: usize = 1024 * 1024;
 const ROUND: Duration = Duration::from_secs(3);
@@ -44,35 +44,27 @@ fn page(origin: &str) -> Bytes {
     ))
 }
 
-async fn serve_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = page(&format!("http://{addr}"));
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                    let body = body.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .header(header::CONTENT_TYPE, "application/json")
-                                .body(Full::new(body))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+/// The page server: TLS (the test CA, ALPN h2 + http/1.1) or plain HTTP.
+fn upstream(pki: Option<&support::TestPki>) -> support::MockUpstream {
+    let origin = std::sync::Arc::new(std::sync::OnceLock::<Bytes>::new());
+    let page_for_handler = origin.clone();
+    let handler = move |_: &support::RecordedRequestHead| {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(
+                page_for_handler.get().expect("page built").clone(),
+            ))
+            .unwrap()
+    };
+    let mock = match pki {
+        Some(pki) => support::MockUpstream::start_simple(pki.server_config(), handler),
+        None => support::MockUpstream::start_plain_simple(handler),
+    };
+    let _ = origin.set(page(&mock.base_url()));
+    mock
 }
 
 /// Fetches `path` from `CONCURRENCY` workers for `ROUND`; returns bytes per second.
@@ -110,16 +102,18 @@ async fn measure(
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-#[tokio::main]
-async fn main() {
-    let (upstream, _task) = serve_upstream().await;
-    let config = format!(
+fn config_text(upstream: &support::MockUpstream, pki: Option<&support::TestPki>) -> String {
+    let ca = pki.map_or(String::new(), |pki| {
+        format!("ca_file = \"{}\"", pki.ca_path().display())
+    });
+    format!(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
 
 [upstream]
-api_url = "http://{upstream}"
+api_url = "{base}"
+{ca}
 
 [credentials.acme-all]
 kind = "workspace_access_token"
@@ -135,27 +129,21 @@ prefix = "/raw"
 upstream_prefix = "/2.0/repositories/acme"
 credential = "acme-all"
 rewrite_links = false
-"#
-    );
-    let config_for_rewriter =
-        bitbucket_auth_proxy::Config::from_toml(Path::new("bench.toml"), &config).unwrap();
-    let config = bitbucket_auth_proxy::Config::from_toml(Path::new("bench.toml"), &config).unwrap();
-    let proxy = bitbucket_auth_proxy::start(config).await.unwrap();
-    let proxy_addr = proxy.local_addrs()[0];
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+"#,
+        base = upstream.base_url()
+    )
+}
 
-    // The rewriter alone, on the same page in 16 KiB chunks: its ceiling, without the network.
-    let config = std::sync::Arc::new(config_for_rewriter);
-    let body = page(&format!("http://{upstream}"));
+/// The rewriter alone, on the page in 16 KiB chunks: its ceiling, without the network.
+fn rewriter_alone(config: bitbucket_auth_proxy::Config, body: &Bytes) {
     let mut rewriter = bitbucket_auth_proxy::rewrite::LinkRewriter::for_route(
-        config,
+        std::sync::Arc::new(config),
         "/2.0/repositories/acme",
         "http://127.0.0.1:8080",
     )
-    .unwrap();
+    .expect("route exists");
     let started = Instant::now();
-    let mut rewritten = 0usize;
-    let mut passes = 0;
+    let (mut rewritten, mut passes) = (0usize, 0usize);
     while started.elapsed() < ROUND {
         for chunk in body.chunks(16 * 1024) {
             rewritten += rewriter.process(chunk, false).len();
@@ -168,7 +156,15 @@ rewrite_links = false
         (body.len() * passes) as f64 / 1048576.0 / started.elapsed().as_secs_f64(),
         rewritten / passes / 1024
     );
+}
 
+/// Rewriting on vs off through the proxy, interleaved; prints one line per mode.
+async fn compare(label: &str, upstream: &support::MockUpstream, pki: Option<&support::TestPki>) {
+    let text = config_text(upstream, pki);
+    let config = bitbucket_auth_proxy::Config::from_toml(Path::new("bench.toml"), &text).unwrap();
+    let proxy = bitbucket_auth_proxy::start(config).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let on_path = "/2.0/repositories/acme/widgets/pullrequests";
     let off_path = "/raw/widgets/pullrequests";
     // Warm up pools and caches.
@@ -179,26 +175,42 @@ rewrite_links = false
         on.push(measure(&client, proxy_addr, on_path).await);
     }
     let mib = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64 / 1048576.0;
+    let rounds = |v: &[f64]| {
+        v.iter()
+            .map(|v| (v / 1048576.0).round())
+            .collect::<Vec<_>>()
+    };
     let (on_mib, off_mib) = (mib(&on), mib(&off));
     println!(
-        "page: {} KiB JSON, concurrency {CONCURRENCY}, {ROUNDS} interleaved rounds of {ROUND:?}",
-        page("http://127.0.0.1:1").len() / 1024
+        "{label}: rewrite_links = false {off_mib:8.1} MiB/s  rounds {:?}",
+        rounds(&off)
     );
     println!(
-        "rewrite_links = false: {off_mib:8.1} MiB/s  (rounds: {:?})",
-        off.iter()
-            .map(|v| (v / 1048576.0).round())
-            .collect::<Vec<_>>()
+        "{label}: rewrite_links = true  {on_mib:8.1} MiB/s  rounds {:?}",
+        rounds(&on)
     );
     println!(
-        "rewrite_links = true : {on_mib:8.1} MiB/s  (rounds: {:?})",
-        on.iter()
-            .map(|v| (v / 1048576.0).round())
-            .collect::<Vec<_>>()
-    );
-    println!(
-        "cost of rewriting: {:.1} % of throughput",
+        "{label}: cost of rewriting {:.1} % of throughput",
         (1.0 - on_mib / off_mib) * 100.0
     );
     proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::main]
+async fn main() {
+    let pki = support::TestPki::new();
+    let tls = upstream(Some(&pki));
+    let plain = upstream(None);
+    let page_len = page(&tls.base_url()).len();
+    println!(
+        "page: {} KiB JSON, concurrency {CONCURRENCY}, {ROUNDS} interleaved rounds of {ROUND:?} per mode",
+        page_len / 1024
+    );
+    let text = config_text(&plain, None);
+    rewriter_alone(
+        bitbucket_auth_proxy::Config::from_toml(Path::new("bench.toml"), &text).unwrap(),
+        &page(&plain.base_url()),
+    );
+    compare("TLS upstream (h2)", &tls, Some(&pki)).await;
+    compare("plain upstream  ", &plain, None).await;
 }
