@@ -5,6 +5,8 @@
 #
 #   docker build -t bitbucket-auth-proxy .
 #   docker run --rm -e BITBUCKET_TOKEN -p 127.0.0.1:8080:8080 bitbucket-auth-proxy
+#
+# Deployment examples (docker compose, Kubernetes, systemd, CI) are in deploy/.
 
 # ---- build ---------------------------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
@@ -34,6 +36,9 @@ COPY --from=builder /usr/local/bin/bitbucket-auth-proxy /usr/local/bin/bitbucket
 #   -v "$PWD/proxy.toml:/etc/bitbucket-auth-proxy/config.toml:ro"
 COPY config/container.toml /etc/bitbucket-auth-proxy/config.toml
 
+# Non-root (uid/gid 65532 in distroless): the proxy needs no privilege. It binds an unprivileged
+# port and only reads its config and secrets, so a compromise of the process gets no root in the
+# container. Mounted secret files must be readable by uid 65532.
 USER nonroot
 
 # The proxy listens on 0.0.0.0:8080 only because the mounted config says
@@ -41,6 +46,16 @@ USER nonroot
 # the container. It also serves only peers in `allowed_clients` (default: loopback), so that list
 # must cover the pod/bridge network the clients come from, as config/container.toml does.
 EXPOSE 8080
+
+# distroless has no shell and no curl, so the check is the binary's own `health` subcommand,
+# in exec form: it reads the config, probes `/-/health` on its first `listen` address (0.0.0.0
+# is probed on 127.0.0.1, so `allowed_clients` must keep loopback), waits at most 3 s and exits
+# 0 only on a 200 (--timeout leaves room above that 3 s). Because it loads the config, the
+# config's secrets must be readable by the check too, and a config edited into an invalid state
+# shows as unhealthy (the error is in `docker inspect`) while the running proxy keeps serving
+# the last valid one. If you mount the config elsewhere, change the path here and in CMD.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/bitbucket-auth-proxy", "health", "--config", "/etc/bitbucket-auth-proxy/config.toml"]
 
 ENTRYPOINT ["/usr/local/bin/bitbucket-auth-proxy"]
 CMD ["run", "--config", "/etc/bitbucket-auth-proxy/config.toml"]
