@@ -40,6 +40,16 @@ enum Route {
     Environment(Arc<Matcher>),
 }
 
+/// A failure to open a tunnel, naming the egress proxy. The cause stays attached (not turned
+/// into text) so a connect timeout is still told apart from a refusal.
+#[derive(Debug, thiserror::Error)]
+#[error("through egress proxy {proxy}")]
+pub struct EgressError {
+    proxy: Uri,
+    #[source]
+    source: BoxError,
+}
+
 /// A connector that opens TCP directly or through a `CONNECT` tunnel.
 #[derive(Clone)]
 pub struct EgressConnector {
@@ -102,9 +112,12 @@ impl Service<Uri> for EgressConnector {
                 }
                 let tunnelling = tunnel.call(dst);
                 Box::pin(async move {
-                    tunnelling
-                        .await
-                        .map_err(|e| format!("through egress proxy {proxy}: {e}").into())
+                    tunnelling.await.map_err(|source| {
+                        Box::new(EgressError {
+                            proxy,
+                            source: source.into(),
+                        }) as BoxError
+                    })
                 })
             }
         }

@@ -14,24 +14,71 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
 
+/// The requests open on one connection (until their response body is done), for the idle
+/// bound in [`crate::listener`]: a connection that has none open for
+/// `server.header_read_timeout` is closed, whatever it is doing: saying nothing at all,
+/// sending half an h2 preface, or holding an h2 connection open without a stream. (hyper bounds
+/// only an HTTP/1 head once it has begun; it cannot see a connection before it knows the
+/// protocol.)
+#[derive(Clone, Debug)]
+pub struct OpenRequests(Arc<watch::Sender<usize>>);
+
+impl Default for OpenRequests {
+    fn default() -> Self {
+        OpenRequests(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl OpenRequests {
+    fn open(&self) -> OpenRequest {
+        self.0.send_modify(|n| *n += 1);
+        OpenRequest(self.0.clone())
+    }
+
+    /// Resolves once no request has been open for `idle` in a row.
+    pub async fn idle_for(&self, idle: Duration) {
+        let mut open = self.0.subscribe();
+        loop {
+            // The sender lives in `self`, so neither wait can fail.
+            let _ = open.wait_for(|n| *n == 0).await;
+            tokio::select! {
+                () = tokio::time::sleep(idle) => return,
+                _ = open.changed() => {}
+            }
+        }
+    }
+}
+
+/// One open request; counted down when dropped.
+#[derive(Debug)]
+struct OpenRequest(Arc<watch::Sender<usize>>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Caps requests in flight across all connections. A request holds its permit until its
 /// response body has been sent or dropped (a streaming download counts for as long as it
 /// streams); when none is free the request is answered 503 at once rather than queued.
+/// Also counts each request into its connection's [`OpenRequests`].
 #[derive(Clone)]
 pub struct InFlightLimitLayer {
     permits: Arc<Semaphore>,
+    open: OpenRequests,
 }
 
 impl InFlightLimitLayer {
-    pub fn new(permits: Arc<Semaphore>) -> Self {
-        InFlightLimitLayer { permits }
+    pub fn new(permits: Arc<Semaphore>, open: OpenRequests) -> Self {
+        InFlightLimitLayer { permits, open }
     }
 }
 
@@ -42,6 +89,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
         InFlightLimit {
             inner,
             permits: self.permits.clone(),
+            open: self.open.clone(),
         }
     }
 }
@@ -50,6 +98,7 @@ impl<S> Layer<S> for InFlightLimitLayer {
 pub struct InFlightLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    open: OpenRequests,
 }
 
 impl<S, B> Service<Request<B>> for InFlightLimit<S>
@@ -66,32 +115,44 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+        let open = self.open.open();
+        // Health and metrics must answer when the proxy is saturated: that is when they matter.
+        let exempt = crate::admin::is_admin_path(request.uri().path());
+        let permit = if exempt {
+            None
+        } else {
+            self.permits.clone().try_acquire_owned().ok()
+        };
+        if permit.is_none() && !exempt {
             let response = ProxyError::Overloaded
                 .into_response()
                 .map(|body| PermitBody {
                     inner: body,
                     _permit: None,
+                    _open: open,
                 });
             return Box::pin(std::future::ready(Ok(response)));
-        };
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
             Ok(response.map(|body| PermitBody {
                 inner: body,
-                _permit: Some(permit),
+                _permit: permit,
+                _open: open,
             }))
         })
     }
 }
 
 pin_project! {
-    /// A response body that keeps its request's in-flight permit until it is done.
+    /// A response body that keeps its request's in-flight permit, and its place among its
+    /// connection's open requests, until it is done.
     pub struct PermitBody {
         #[pin]
         inner: ProxyBody,
         _permit: Option<OwnedSemaphorePermit>,
+        _open: OpenRequest,
     }
 }
 
@@ -212,6 +273,21 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeoutIo<T> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_is_counted_only_while_no_request_is_open() {
+        let open = OpenRequests::default();
+        let idle = Duration::from_secs(5);
+        let started = tokio::time::Instant::now();
+        let request = open.open();
+        let watch = open.clone();
+        let done = tokio::spawn(async move { watch.idle_for(idle).await });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!done.is_finished(), "idle while a request was open");
+        drop(request);
+        done.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(65));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_stops_reading_times_out_the_write() {

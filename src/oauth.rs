@@ -150,6 +150,8 @@ impl OAuthClient {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
             return Err(self.error(format!("the token endpoint answered {status}: {text}")));
         }
+        // The response holds the access token: parse from a copy that is wiped afterwards.
+        let body = zeroize::Zeroizing::new(body.to_vec());
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| self.error(format!("the token response is not the expected JSON: {e}")))?;
         let token = Secret::from_runtime(

@@ -92,6 +92,15 @@ pub async fn handle(
     let result = run_phases(state, &generation, connection, request, &mut matched).await;
     let mut response = result.unwrap_or_else(|error| {
         log_error(&error);
+        if error.fault() == crate::error::Fault::Upstream {
+            state
+                .metrics
+                .upstream_errors
+                .get_or_create(&KindLabels {
+                    kind: error.reason(),
+                })
+                .inc();
+        }
         error.into_response()
     });
     if let Some(route) = matched {
@@ -144,8 +153,8 @@ async fn run_phases(
             .await?;
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
-    record_upstream(state, &route, started, &forwarded);
     let response = forwarded?;
+    record_upstream(state, &route, started, &response);
     Ok(rewrite_response(
         generation,
         &route,
@@ -463,35 +472,25 @@ pub fn rewrite_response(
     Response::from_parts(parts, body)
 }
 
-/// Upstream latency (to the response head), the rate-limit headers Bitbucket sent for the
-/// route's credential, or the kind of failure.
+/// Upstream latency and the last `X-RateLimit-*` values, for answers that arrived. Failures are
+/// counted in [`handle`], where every error ends up.
 fn record_upstream(
     state: &SharedState,
     route: &Route,
     started: Instant,
-    forwarded: &Result<Response<Incoming>, ProxyError>,
+    response: &Response<Incoming>,
 ) {
-    let metrics = &state.metrics;
-    match forwarded {
-        Ok(response) => {
-            metrics
-                .upstream_latency
-                .get_or_create(&RouteLabels {
-                    route: route.prefix.clone(),
-                    credential: route.credential.name.clone(),
-                })
-                .observe(started.elapsed().as_secs_f64());
-            metrics.record_rate_limit(&route.credential.name, response.headers());
-        }
-        Err(error) => {
-            metrics
-                .upstream_errors
-                .get_or_create(&KindLabels {
-                    kind: error.reason(),
-                })
-                .inc();
-        }
-    }
+    state
+        .metrics
+        .upstream_latency
+        .get_or_create(&RouteLabels {
+            route: route.prefix.clone(),
+            credential: route.credential.name.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .record_rate_limit(&route.credential.name, response.headers());
 }
 
 fn log_error(error: &ProxyError) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ServerSettings};
 use crate::metrics::ResultLabels;
 use crate::state::SharedState;
 use crate::verify::{self, VerifyStatus};
@@ -33,6 +33,51 @@ pub struct ReloadHandle {
     tasks: Arc<Mutex<Tasks>>,
     /// One reload at a time: a SIGHUP racing a file event must not install twice.
     reloading: Arc<tokio::sync::Mutex<()>>,
+    /// The listener settings in force since start-up, which a reload cannot change.
+    started_with: Arc<ServerSettings>,
+}
+
+/// The `[server]` keys that differ from the running listeners' and need a restart.
+fn startup_only_changes(
+    running: &ServerSettings,
+    configured: &ServerSettings,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if running.listen != configured.listen {
+        changed.push("server.listen");
+    }
+    if running.unix_socket_mode != configured.unix_socket_mode {
+        changed.push("server.unix_socket_mode");
+    }
+    if running.max_connections != configured.max_connections {
+        changed.push("server.max_connections");
+    }
+    if running.max_in_flight != configured.max_in_flight {
+        changed.push("server.max_in_flight");
+    }
+    if running.header_read_timeout != configured.header_read_timeout {
+        changed.push("server.header_read_timeout");
+    }
+    if running.send_timeout != configured.send_timeout {
+        changed.push("server.send_timeout");
+    }
+    changed
+}
+
+/// Size, modification time and inode of each file (following symlinks): enough to tell a real
+/// change from unrelated activity in a watched directory.
+type Fingerprint = Vec<Option<(u64, Option<std::time::SystemTime>, u64)>>;
+
+fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|file| {
+            std::fs::metadata(file)
+                .ok()
+                .map(|m| (m.len(), m.modified().ok(), m.ino()))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -43,10 +88,12 @@ struct Tasks {
 
 impl ReloadHandle {
     pub fn new(state: Arc<SharedState>) -> Self {
+        let started_with = Arc::new(state.current().config.server.clone());
         ReloadHandle {
             state,
             tasks: Arc::default(),
             reloading: Arc::default(),
+            started_with,
         }
     }
 
@@ -71,14 +118,11 @@ impl ReloadHandle {
                 return Err(error);
             }
         };
-        let running = &current.config.server;
-        if config.server.listen != running.listen
-            || config.server.unix_socket_mode != running.unix_socket_mode
-        {
+        let unapplied = startup_only_changes(&self.started_with, &config.server);
+        if !unapplied.is_empty() {
             tracing::warn!(
-                running = ?running.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                configured = ?config.server.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "server.listen / server.unix_socket_mode changed: listeners cannot change live, restart to apply; everything else is reloaded"
+                keys = %unapplied.join(", "),
+                "these settings apply at start-up only: the running values stay until a restart; everything else is reloaded"
             );
         }
         for warning in &config.warnings {
@@ -173,6 +217,7 @@ impl ReloadHandle {
         mut changes: tokio::sync::mpsc::Receiver<()>,
         mut hangup: Option<tokio::signal::unix::Signal>,
     ) {
+        let mut last_seen = fingerprint(&self.state.current().config.watched_files());
         loop {
             if let Some(watcher) = watcher.as_mut() {
                 self.watch_directories(watcher, &mut watched);
@@ -187,11 +232,22 @@ impl ReloadHandle {
                 Some(()) = changes.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while changes.try_recv().is_ok() {}
+                    // Other files share these directories (logs, editors' swap files): reload
+                    // only when a file the config depends on really changed.
+                    let files = self.state.current().config.watched_files();
+                    let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or_default();
+                    if now == last_seen {
+                        continue;
+                    }
                     tracing::info!("a watched file changed; reloading");
                 }
                 _ = hangup_received => tracing::info!("SIGHUP received; reloading"),
             }
             let _ = self.reload().await;
+            let files = self.state.current().config.watched_files();
+            last_seen = tokio::task::spawn_blocking(move || fingerprint(&files))
+                .await
+                .unwrap_or_default();
         }
     }
 

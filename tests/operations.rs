@@ -506,6 +506,38 @@ async fn watcher_ignores_an_invalid_config_and_applies_the_next_valid_one() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrelated_files_beside_the_config_do_not_trigger_reloads() {
+    let pki = TestPki::new();
+    let api = MockUpstream::start_simple(pki.server_config(), echo_auth);
+    let dir = Dir::new(&pki);
+    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
+    let config = dir.write_config(&widgets_config(&api.base_url()));
+    let proxy = start(&config).await;
+    // A log file written next to the config, and an editor's swap file beside the secret.
+    for i in 0..10 {
+        dir.write("proxy.log", &format!("line {i}\n").repeat(i + 1));
+        dir.write("secrets/.token.swp", &format!("{i}"));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        proxy.state().current().number,
+        1,
+        "no reload for unrelated files"
+    );
+    // A real change still reloads.
+    dir.write("secrets/token", &format!("{NEW_TOKEN}\n"));
+    wait_for_auth(
+        proxy.local_addrs()[0],
+        &bearer(NEW_TOKEN),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(proxy.state().current().number, 2);
+    proxy.shutdown(Duration::from_secs(5)).await;
+}
+
 // ---------------------------------------------------------------------------
 // 3. Graceful drain
 // ---------------------------------------------------------------------------
