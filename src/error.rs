@@ -187,6 +187,14 @@ impl ProxyError {
             // hyper reports a failing request body (the client went away mid-upload) as a user error.
             return ProxyError::ClientBody(error_chain(&error).into());
         }
+        if find_cause::<h2::Error>(&error)
+            .is_some_and(|e| e.is_reset() && !e.is_remote() && !e.is_library())
+        {
+            // Over h2, hyper reports a failing request body (a client that went away, broke its
+            // chunked framing or stalled past `upstream.idle_timeout`) only as the RST_STREAM it
+            // sent for it: a reset the proxy's side initiated, not Bitbucket nor the h2 library.
+            return ProxyError::ClientBody(error_chain(&error).into());
+        }
         if let Some(tls) = find_tls_error(&error) {
             return ProxyError::UpstreamTls(tls);
         }

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ListenAddr, ServerSettings};
-use crate::limits::{InFlightLimitLayer, SendTimeoutIo};
+use crate::limits::{InFlightLimitLayer, OpenRequests, SendTimeoutIo};
 use crate::proxy::{ConnectionInfo, ProxyService};
 use crate::reload::ReloadHandle;
 use crate::state::SharedState;
@@ -101,6 +101,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         connections: Arc::new(Semaphore::new(server.max_connections)),
         in_flight: Arc::new(Semaphore::new(server.max_in_flight)),
         send_timeout: server.send_timeout,
+        idle_timeout: server.header_read_timeout,
         too_many_connections: too_many_connections(),
         cut: cut_rx,
     });
@@ -194,6 +195,8 @@ struct ServeContext {
     connections: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     send_timeout: Duration,
+    /// `server.header_read_timeout`, also the bound on a connection with no request open.
+    idle_timeout: Duration,
     too_many_connections: Bytes,
     /// Becomes `true` when shutdown's grace period has run out.
     cut: watch::Receiver<bool>,
@@ -296,9 +299,14 @@ where
         return;
     };
     let peer = info.peer;
+    let open = OpenRequests::default();
+    let idle_timeout = context.idle_timeout;
     let service = tower::ServiceBuilder::new()
         .layer(AccessLogLayer::new(context.state.metrics.clone()))
-        .layer(InFlightLimitLayer::new(context.in_flight.clone()))
+        .layer(InFlightLimitLayer::new(
+            context.in_flight.clone(),
+            open.clone(),
+        ))
         .service(ProxyService::new(context.state.clone(), info));
     let io = SendTimeoutIo::new(io, context.send_timeout);
     let connection = context
@@ -321,6 +329,10 @@ where
                 }
             }
             () = cut => tracing::debug!(?peer, "shutdown grace period over: connection closed"),
+            // Before its first request, between requests, or an h2 connection with no stream.
+            () = open.idle_for(idle_timeout) => {
+                tracing::debug!(?peer, "no request for server.header_read_timeout: connection closed");
+            }
         }
         drop(connection_permit);
     });

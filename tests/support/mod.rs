@@ -2,10 +2,12 @@
 //! upstreams (TLS and plain, h2 + HTTP/1.1), fault injectors, streaming
 //! body helpers and small HTTP clients.
 //!
-//! Self-contained: nothing here depends on the proxy crate. Everything
+//! Self-contained but for [`proxy`], the in-process proxy fixture. Everything
 //! listens on 127.0.0.1 only. Constructors that spawn tasks must be called
 //! from inside a Tokio runtime (e.g. a `#[tokio::test]`).
 #![allow(dead_code)]
+
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -963,6 +965,101 @@ impl RawResponse {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
+    }
+}
+
+impl RawResponse {
+    /// Splits pipelined responses (framed by `content-length`, which every response the
+    /// proxy or the mocks send to raw clients has; a response without one takes the rest).
+    /// Interim `1xx` responses are skipped. Stops at the first incomplete head.
+    pub fn parse_all(text: &str) -> Vec<RawResponse> {
+        let mut all = Vec::new();
+        let mut rest = text;
+        while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+            let Some(mut response) = RawResponse::parse(&format!("{head}\r\n\r\n")) else {
+                break;
+            };
+            if (100..200).contains(&response.status) {
+                rest = after;
+                continue;
+            }
+            let len = response
+                .header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(after.len())
+                .min(after.len());
+            response.body = after[..len].to_owned();
+            rest = &after[len..];
+            all.push(response);
+        }
+        all
+    }
+}
+
+/// How the peer ended a [`raw_exchange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Orderly close (EOF).
+    Closed,
+    /// Connection reset (or another read error).
+    Reset,
+    /// Still open when the deadline passed.
+    Open,
+}
+
+/// What a [`raw_exchange`] read back, how it ended and when.
+#[derive(Debug, Clone)]
+pub struct RawExchange {
+    pub bytes: Vec<u8>,
+    pub ending: Ending,
+    /// From connecting until the peer closed (or the deadline).
+    pub elapsed: Duration,
+}
+
+impl RawExchange {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    pub fn responses(&self) -> Vec<RawResponse> {
+        RawResponse::parse_all(&self.text())
+    }
+
+    /// True when the peer hung up (orderly or not) before the deadline.
+    pub fn closed(&self) -> bool {
+        self.ending != Ending::Open
+    }
+}
+
+/// Writes `bytes` on a fresh connection while reading everything back until the peer closes
+/// or `deadline` passes. Writing runs beside reading, so a peer that answers and closes
+/// before reading everything (a 431 to a megabyte of headers) is still heard.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], deadline: Duration) -> RawExchange {
+    let started = tokio::time::Instant::now();
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let bytes = bytes.to_vec();
+    let writing = tokio::spawn(async move {
+        let _ = writer.write_all(&bytes).await;
+        // Keep the write half open: a half-close would read as a client that went away.
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let ending = loop {
+        match tokio::time::timeout_at(started + deadline, reader.read(&mut buf)).await {
+            Err(_) => break Ending::Open,
+            Ok(Ok(0)) => break Ending::Closed,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break Ending::Reset,
+        }
+    };
+    writing.abort();
+    RawExchange {
+        bytes: out,
+        ending,
+        elapsed: started.elapsed(),
     }
 }
 
