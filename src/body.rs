@@ -197,21 +197,51 @@ where
     }
 }
 
+/// A body the proxy writes itself: one chunk, or nothing.
+#[derive(Debug, Default)]
+pub struct LocalBody(Option<Bytes>);
+
+impl LocalBody {
+    pub fn new(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        LocalBody((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for LocalBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.take().map(|bytes| Ok(Frame::data(bytes))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.as_ref().map_or(0, |bytes| bytes.len() as u64))
+    }
+}
+
 pin_project! {
     /// The body of a request on its way to the upstream: a client's stream, or one the proxy
     /// makes itself (credential checks, token requests).
     #[project = UpstreamRequestBodyProj]
     pub enum UpstreamRequestBody {
         Client { #[pin] body: TimedBody<Incoming> },
-        Local { body: Option<Bytes> },
+        Local { #[pin] body: LocalBody },
     }
 }
 
 impl UpstreamRequestBody {
     pub fn local(bytes: impl Into<Bytes>) -> Self {
-        let bytes = bytes.into();
         UpstreamRequestBody::Local {
-            body: (!bytes.is_empty()).then_some(bytes),
+            body: LocalBody::new(bytes),
         }
     }
 
@@ -234,25 +264,21 @@ impl Body for UpstreamRequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             UpstreamRequestBodyProj::Client { body } => body.poll_frame(cx),
-            UpstreamRequestBodyProj::Local { body } => {
-                Poll::Ready(body.take().map(|b| Ok(Frame::data(b))))
-            }
+            UpstreamRequestBodyProj::Local { body } => body.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamRequestBody::Client { body } => body.is_end_stream(),
-            UpstreamRequestBody::Local { body } => body.is_none(),
+            UpstreamRequestBody::Local { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamRequestBody::Client { body } => body.size_hint(),
-            UpstreamRequestBody::Local { body } => {
-                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            UpstreamRequestBody::Local { body } => body.size_hint(),
         }
     }
 }
@@ -263,20 +289,15 @@ pin_project! {
     pub enum ProxyBody {
         Upstream { #[pin] body: TimedBody<Incoming> },
         Rewritten { #[pin] body: crate::rewrite::RewriteBody<TimedBody<Incoming>> },
-        Local { body: Option<Bytes> },
+        Local { #[pin] body: LocalBody },
     }
 }
 
 impl ProxyBody {
     pub fn local(bytes: impl Into<Bytes>) -> Self {
-        let bytes = bytes.into();
         ProxyBody::Local {
-            body: (!bytes.is_empty()).then_some(bytes),
+            body: LocalBody::new(bytes),
         }
-    }
-
-    pub fn empty() -> Self {
-        ProxyBody::Local { body: None }
     }
 }
 
@@ -291,7 +312,7 @@ impl Body for ProxyBody {
         match self.project() {
             ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
             ProxyBodyProj::Rewritten { body } => body.poll_frame(cx),
-            ProxyBodyProj::Local { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBodyProj::Local { body } => body.poll_frame(cx),
         }
     }
 
@@ -299,7 +320,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body } => body.is_end_stream(),
             ProxyBody::Rewritten { body } => body.is_end_stream(),
-            ProxyBody::Local { body } => body.is_none(),
+            ProxyBody::Local { body } => body.is_end_stream(),
         }
     }
 
@@ -307,9 +328,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body } => body.size_hint(),
             ProxyBody::Rewritten { body } => body.size_hint(),
-            ProxyBody::Local { body } => {
-                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            ProxyBody::Local { body } => body.size_hint(),
         }
     }
 }
