@@ -137,6 +137,13 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
+        let signals = match ShutdownSignals::install() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("error: cannot install the SIGTERM/SIGINT handlers: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
         let proxy = match crate::listener::start(config).await {
             Ok(proxy) => proxy,
             Err(error) => {
@@ -144,7 +151,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        shutdown_signal().await;
+        signals.received().await;
         // The grace period of the config in force now, reloads included.
         let grace = proxy.state().current().config.server.shutdown_grace;
         tracing::info!(
@@ -161,23 +168,26 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// SIGTERM and SIGINT, registered before the listeners open: a signal sent as soon as the
+/// proxy answers must not be lost.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn received(mut self) {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -44,6 +44,9 @@ pub fn init_logging(format: Option<LogFormat>) -> tracing_appender::non_blocking
     });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default queue preallocates 128,000 lines (4 MiB resident at idle); 8,192 absorbs
+        // bursts and blocks beyond them.
+        .buffered_lines_limit(8192)
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
