@@ -109,36 +109,6 @@ impl RouteTable {
         Ok(found)
     }
 
-    /// Maps an upstream path back to the local path a client should use, for link rewriting:
-    /// `preferred` first, then the longest `upstream_prefix` on the same upstream.
-    pub fn local_path_for<'a>(
-        &'a self,
-        upstream: UpstreamKind,
-        upstream_path: &str,
-        preferred: Option<&'a Route>,
-    ) -> Option<(&'a Route, usize)> {
-        let covers = |route: &Route| {
-            route.upstream == upstream
-                && segment_prefix_matches(
-                    route.upstream_base().as_bytes(),
-                    upstream_path.as_bytes(),
-                )
-        };
-        if let Some(route) = preferred.filter(|r| covers(r)) {
-            return Some((route, route.upstream_base().len()));
-        }
-        // Longest upstream prefix; on a tie, a transparent route (prefix = upstream_prefix)
-        // beats an alias, so links keep their familiar shape.
-        let mut best: Option<&Route> = None;
-        for route in self.routes.iter().map(AsRef::as_ref).filter(|r| covers(r)) {
-            let rank = |r: &Route| (r.upstream_base().len(), *r.prefix == *r.upstream_prefix);
-            if best.is_none_or(|b| rank(route) > rank(b)) {
-                best = Some(route);
-            }
-        }
-        best.map(|r| (r, r.upstream_base().len()))
-    }
-
     /// The local prefix to write in place of `route`'s upstream prefix (empty for `/`).
     pub fn local_base(route: &Route) -> &str {
         route.match_prefix()
@@ -256,34 +226,6 @@ pub(crate) mod tests {
             table
                 .route("/2.0/repositories/acme/widgets/refs/branches/feature%2Ffoo")
                 .is_ok()
-        );
-    }
-
-    #[test]
-    fn reverse_mapping_prefers_the_request_route() {
-        let table = table();
-        let release = table.route("/release").unwrap().unwrap().clone();
-        let (route, len) = table
-            .local_path_for(
-                UpstreamKind::Api,
-                "/2.0/repositories/acme/widgets/pullrequests",
-                Some(&release),
-            )
-            .unwrap();
-        assert_eq!(&*route.prefix, "/release");
-        assert_eq!(len, "/2.0/repositories/acme".len());
-        let (route, _) = table
-            .local_path_for(
-                UpstreamKind::Api,
-                "/2.0/repositories/acme/widgets/pullrequests",
-                None,
-            )
-            .unwrap();
-        assert_eq!(&*route.prefix, "/2.0/repositories/acme/widgets");
-        assert!(
-            table
-                .local_path_for(UpstreamKind::Api, "/2.0/user", None)
-                .is_none()
         );
     }
 }

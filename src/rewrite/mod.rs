@@ -26,7 +26,7 @@ use pin_project_lite::pin_project;
 use crate::body::{BoxError, ProxyBody, TimedBody};
 use crate::config::Config;
 use crate::credentials::UpstreamKind;
-use crate::routing::{Route, RouteTable};
+use crate::routing::{Route, RouteTable, segment_prefix_matches};
 
 /// Compressed input is fed to the decoder in slices this big, bounding what one slice can
 /// expand to (deflate's worst case is about 1000:1).
@@ -493,12 +493,7 @@ impl LinkRewriter {
             _ => {}
         }
         let form = usize::from(escaped);
-        let candidates = self
-            .preferred
-            .into_iter()
-            .chain(0..self.patterns.mappings.len())
-            .filter(|&i| self.patterns.mappings[i].upstream == upstream);
-        for index in candidates {
+        for index in self.candidates(upstream) {
             let base = &self.patterns.mappings[index].upstream_base[form];
             if rest.len() < base.len() {
                 if !last && base.starts_with(rest) {
@@ -543,26 +538,31 @@ impl LinkRewriter {
             .unwrap_or(0)
     }
 
-    /// The inverse of the route table for a path (relative redirects): the request's own route
-    /// first, then the longest `upstream_prefix`; an uncovered path is kept.
-    fn map_path<'p>(&self, upstream: UpstreamKind, path: &'p [u8]) -> (&str, &'p [u8]) {
-        let mapped = std::str::from_utf8(path).ok().and_then(|text| {
-            self.config
-                .routes
-                .local_path_for(upstream, text, Some(&self.route))
-        });
-        match mapped {
-            Some((route, strip)) => {
-                let base = RouteTable::local_base(route);
-                let rest = &path[strip..];
-                if base.is_empty() && rest.is_empty() {
-                    ("/", rest)
+    /// The mappings to try for `upstream`, in order: the request's own route, then the
+    /// longest upstream prefix (transparent routes first on a tie).
+    fn candidates(&self, upstream: UpstreamKind) -> impl Iterator<Item = usize> + '_ {
+        self.preferred
+            .into_iter()
+            .chain(0..self.patterns.mappings.len())
+            .filter(move |&i| self.patterns.mappings[i].upstream == upstream)
+    }
+
+    /// The same inverse mapping for a whole path (relative redirects); an uncovered path is
+    /// kept. Returns the local prefix and the rest of the path to append to it.
+    fn map_path<'p>(&self, upstream: UpstreamKind, path: &'p [u8]) -> (&[u8], &'p [u8]) {
+        for index in self.candidates(upstream) {
+            let mapping = &self.patterns.mappings[index];
+            let base = &mapping.upstream_base[0];
+            if segment_prefix_matches(base, path) {
+                let (local, rest) = (&mapping.local_base[0][..], &path[base.len()..]);
+                return if local.is_empty() && rest.is_empty() {
+                    (b"/", rest)
                 } else {
-                    (base, rest)
-                }
+                    (local, rest)
+                };
             }
-            None => ("", path),
         }
+        (b"", path)
     }
 
     fn rewrite_header(&self, name: &header::HeaderName, value: &[u8]) -> Bytes {
@@ -574,7 +574,7 @@ impl LinkRewriter {
                 .unwrap_or(value.len());
             let (base, rest) = self.map_path(self.route.upstream, &value[..end]);
             let mut out = Vec::with_capacity(value.len() + base.len());
-            out.extend_from_slice(base.as_bytes());
+            out.extend_from_slice(base);
             out.extend_from_slice(rest);
             out.extend_from_slice(&value[end..]);
             return Bytes::from(out);
