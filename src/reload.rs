@@ -3,7 +3,7 @@
 //! config is re-read and validated, then swapped in atomically. An invalid config leaves the
 //! running one in place.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +17,9 @@ use crate::verify::{self, VerifyStatus};
 
 /// Lets file events settle (an editor's write-then-rename, a symlink swap) before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// How often files are checked when inotify is unavailable.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -64,6 +67,19 @@ fn startup_only_changes(
     changed
 }
 
+/// inotify where it can. Where it cannot (inotify instances are limited per user, and a shared
+/// host's other tenants may have used them up; some network filesystems send no events), the
+/// watch loop polls the files' fingerprints instead.
+fn file_watcher<H: notify::EventHandler>(on_event: H) -> Option<notify::RecommendedWatcher> {
+    match notify::recommended_watcher(on_event) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!(%error, interval = ?POLL_INTERVAL, "cannot use inotify; polling config files instead");
+            None
+        }
+    }
+}
+
 /// Size, modification time and inode of each file (following symlinks): enough to tell a real
 /// change from unrelated activity in a watched directory.
 type Fingerprint = Vec<Option<(u64, Option<std::time::SystemTime>, u64)>>;
@@ -78,6 +94,19 @@ fn fingerprint(files: &[PathBuf]) -> Fingerprint {
                 .map(|m| (m.len(), m.modified().ok(), m.ino()))
         })
         .collect()
+}
+
+async fn fingerprint_off_thread(files: Vec<PathBuf>) -> Fingerprint {
+    tokio::task::spawn_blocking(move || fingerprint(&files))
+        .await
+        .unwrap_or_default()
+}
+
+/// Failed directories are retried on every pass (a secret mount may appear later) but warned
+/// about once.
+enum DirectoryWatch {
+    Watched,
+    Failed,
 }
 
 #[derive(Default)]
@@ -181,84 +210,96 @@ impl ReloadHandle {
     /// Reloads on SIGHUP and whenever a file the config depends on changes.
     pub fn watch(&self) {
         let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let on_event = move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event
                 && !matches!(event.kind, notify::EventKind::Access(_))
             {
                 // A full channel already means "reload pending".
                 let _ = tx.try_send(());
             }
-        });
-        let mut watcher = match watcher {
-            Ok(watcher) => Some(watcher),
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch config files; reload with SIGHUP");
-                None
-            }
         };
+        let mut watcher = file_watcher(on_event);
         // Directories and SIGHUP are registered before returning, not in the task: a file
         // changed before the task first runs would go unnoticed, and a SIGHUP would hit the
         // default action and terminate the process.
-        let mut watched = BTreeSet::new();
+        let mut watched = BTreeMap::new();
         if let Some(watcher) = watcher.as_mut() {
             self.watch_directories(watcher, &mut watched);
         }
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // The baseline too: taken in the task, it could already include a change made after
+        // this returns, and that change would then look like nothing happened.
+        let baseline = fingerprint(&self.state.current().config.watched_files());
         let handle = self.clone();
-        let task =
-            tokio::spawn(async move { handle.watch_loop(watcher, watched, rx, hangup).await });
+        let task = tokio::spawn(async move {
+            handle
+                .watch_loop(watcher, watched, baseline, rx, hangup)
+                .await
+        });
         self.tasks().watcher = Some(task.abort_handle());
     }
 
     async fn watch_loop(
         &self,
         mut watcher: Option<notify::RecommendedWatcher>,
-        mut watched: BTreeSet<PathBuf>,
+        mut watched: BTreeMap<PathBuf, DirectoryWatch>,
+        mut last_seen: Fingerprint,
         mut changes: tokio::sync::mpsc::Receiver<()>,
         mut hangup: Option<tokio::signal::unix::Signal>,
     ) {
-        let mut last_seen = fingerprint(&self.state.current().config.watched_files());
         loop {
-            if let Some(watcher) = watcher.as_mut() {
-                self.watch_directories(watcher, &mut watched);
-            }
+            let every_directory_watched = match watcher.as_mut() {
+                Some(watcher) => self.watch_directories(watcher, &mut watched),
+                None => false,
+            };
             let hangup_received = async {
                 match hangup.as_mut() {
                     Some(signal) => signal.recv().await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let hangup = tokio::select! {
                 Some(()) = changes.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while changes.try_recv().is_ok() {}
-                    // Other files share these directories (logs, editors' swap files): reload
-                    // only when a file the config depends on really changed.
-                    let files = self.state.current().config.watched_files();
-                    let now = tokio::task::spawn_blocking(move || fingerprint(&files)).await.unwrap_or_default();
-                    if now == last_seen {
-                        continue;
-                    }
-                    tracing::info!("a watched file changed; reloading");
+                    false
                 }
-                _ = hangup_received => tracing::info!("SIGHUP received; reloading"),
+                () = tokio::time::sleep(POLL_INTERVAL), if !every_directory_watched => false,
+                _ = hangup_received => true,
+            };
+            let files = self.state.current().config.watched_files();
+            // Taken before the reload reads the files, so a write racing the reload still
+            // differs from it and triggers another one.
+            let before = fingerprint_off_thread(files.clone()).await;
+            if hangup {
+                tracing::info!("SIGHUP received; reloading");
+            } else if before == last_seen {
+                // Other files share these directories (logs, editors' swap files): reload
+                // only when a file the config depends on really changed.
+                continue;
+            } else {
+                tracing::info!("a watched file changed; reloading");
             }
             let _ = self.reload().await;
-            let files = self.state.current().config.watched_files();
-            last_seen = tokio::task::spawn_blocking(move || fingerprint(&files))
-                .await
-                .unwrap_or_default();
+            let reloaded_files = self.state.current().config.watched_files();
+            last_seen = if reloaded_files == files {
+                before
+            } else {
+                fingerprint_off_thread(reloaded_files).await
+            };
         }
     }
 
     /// Watches the directory of every file the current config depends on. Directories, not
-    /// files: a symlink swap or an editor's rename replaces the file being watched.
+    /// files: a symlink swap or an editor's rename replaces the file being watched. Returns
+    /// whether every directory is watched; the loop polls when one is not.
     fn watch_directories(
         &self,
         watcher: &mut notify::RecommendedWatcher,
-        watched: &mut BTreeSet<PathBuf>,
-    ) {
+        watched: &mut BTreeMap<PathBuf, DirectoryWatch>,
+    ) -> bool {
         use notify::Watcher;
+        let mut every_directory_watched = true;
         let generation = self.state.current();
         for file in generation.config.watched_files() {
             let Some(dir) = file.parent().map(|d| {
@@ -270,17 +311,74 @@ impl ReloadHandle {
             }) else {
                 continue;
             };
-            if watched.contains(&dir) {
-                continue;
-            }
+            let warned = match watched.get(&dir) {
+                Some(DirectoryWatch::Watched) => continue,
+                Some(DirectoryWatch::Failed) => true,
+                None => false,
+            };
             match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    watched.insert(dir);
+                    watched.insert(dir, DirectoryWatch::Watched);
                 }
                 Err(error) => {
-                    tracing::warn!(dir = %dir.display(), %error, "cannot watch directory")
+                    every_directory_watched = false;
+                    if !warned {
+                        tracing::warn!(dir = %dir.display(), %error, "cannot watch directory; polling it instead");
+                    }
+                    watched.insert(dir, DirectoryWatch::Failed);
                 }
             }
         }
+        every_directory_watched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "acme/widgets"
+token = { file = "token" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+"#;
+
+    /// Without inotify the loop polls fingerprints, which see a sub-second replace-by-rename
+    /// that a whole-second mtime comparison would miss.
+    #[tokio::test]
+    async fn without_inotify_a_replaced_secret_file_is_polled_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, CONFIG).unwrap();
+        std::fs::write(dir.path().join("token"), "old-token\n").unwrap();
+        let state = Arc::new(SharedState::new(Config::load(&config_path).unwrap()));
+        let handle = ReloadHandle::new(state.clone());
+        let baseline = fingerprint(&state.current().config.watched_files());
+        let (_no_events, changes) = tokio::sync::mpsc::channel(1);
+        let watching = handle.clone();
+        let task = tokio::spawn(async move {
+            watching
+                .watch_loop(None, BTreeMap::new(), baseline, changes, None)
+                .await
+        });
+
+        let aside = dir.path().join(".token.tmp");
+        std::fs::write(&aside, "new-token\n").unwrap();
+        std::fs::rename(&aside, dir.path().join("token")).unwrap();
+
+        let deadline = tokio::time::Instant::now() + POLL_INTERVAL * 5;
+        while state.current().number < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not reloaded within five poll intervals"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
     }
 }
