@@ -1,7 +1,7 @@
 //! What link rewriting costs: throughput of a 1 MiB Bitbucket-style JSON page (paginated, every
 //! value full of `links.*.href`) through the proxy with `rewrite_links` on and off.
 //!
-//! Run: `cargo bench --bench rewrite` (release build). Everything is in one process on
+//! Run: `cargo bench --bench rewrite` (release build; `-- --rewriter-only` for the rewriter alone). Everything is in one process on
 //! loopback: an upstream, the proxy with two routes to it (rewriting on and off), and a client.
 //! Two upstreams are measured: TLS with h2 offered, as Bitbucket is, and plain HTTP, where
 //! nothing hides the rewriting cost. Modes are interleaved A B A B … so drift on a shared
@@ -211,6 +211,10 @@ async fn main() {
         bitbucket_auth_proxy::Config::from_toml(Path::new("bench.toml"), &text).unwrap(),
         &page(&plain.base_url()),
     );
+    // `-- --rewriter-only` stops here: a quick loop while tuning the rewriter.
+    if std::env::args().any(|arg| arg == "--rewriter-only") {
+        return;
+    }
     compare("TLS upstream (h2)", &tls, Some(&pki)).await;
     compare("plain upstream  ", &plain, None).await;
 }

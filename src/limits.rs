@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,8 +15,8 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Sleep;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ProxyBody};
@@ -27,42 +28,69 @@ use crate::error::ProxyError;
 /// sending half an h2 preface, or holding an h2 connection open without a stream. (hyper bounds
 /// only an HTTP/1 head once it has begun; it cannot see a connection before it knows the
 /// protocol.)
+///
+/// Opening and closing a request only touches two atomics: the idle watcher is not woken per
+/// request but checks the count and the last close time when its own deadline comes.
 #[derive(Clone, Debug)]
-pub struct OpenRequests(Arc<watch::Sender<usize>>);
+pub struct OpenRequests(Arc<OpenState>);
+
+#[derive(Debug)]
+struct OpenState {
+    count: AtomicUsize,
+    /// When the count last fell to zero (or the connection opened), in nanoseconds after
+    /// `epoch`.
+    last_closed: AtomicU64,
+    epoch: Instant,
+}
 
 impl Default for OpenRequests {
     fn default() -> Self {
-        OpenRequests(Arc::new(watch::Sender::new(0)))
+        OpenRequests(Arc::new(OpenState {
+            count: AtomicUsize::new(0),
+            last_closed: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }))
     }
 }
 
 impl OpenRequests {
     fn open(&self) -> OpenRequest {
-        self.0.send_modify(|n| *n += 1);
+        self.0.count.fetch_add(1, Ordering::AcqRel);
         OpenRequest(self.0.clone())
     }
 
     /// Resolves once no request has been open for `idle` in a row.
     pub async fn idle_for(&self, idle: Duration) {
-        let mut open = self.0.subscribe();
+        let state = &self.0;
         loop {
-            // The sender lives in `self`, so neither wait can fail.
-            let _ = open.wait_for(|n| *n == 0).await;
-            tokio::select! {
-                () = tokio::time::sleep(idle) => return,
-                _ = open.changed() => {}
+            if state.count.load(Ordering::Acquire) > 0 {
+                // Busy: look again after a whole idle period, which a request closing meanwhile
+                // cannot cut short.
+                tokio::time::sleep(idle).await;
+                continue;
             }
+            // Read after the count: a close that brought it to zero stored its time first, so
+            // the deadline below is never computed from an older close.
+            let last_closed = state.last_closed.load(Ordering::Acquire);
+            let deadline = state.epoch + Duration::from_nanos(last_closed) + idle;
+            if Instant::now() >= deadline && state.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 /// One open request; counted down when dropped.
 #[derive(Debug)]
-struct OpenRequest(Arc<watch::Sender<usize>>);
+struct OpenRequest(Arc<OpenState>);
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        let state = &self.0;
+        let since_epoch = u64::try_from(state.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        state.last_closed.fetch_max(since_epoch, Ordering::AcqRel);
+        state.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -287,6 +315,33 @@ mod tests {
         drop(request);
         done.await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(65));
+    }
+
+    /// The watcher is not woken by closes: one that lands between its checks still counts from
+    /// the close, not from when the watcher next looks.
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_close_between_checks() {
+        let open = OpenRequests::default();
+        let idle = Duration::from_secs(5);
+        let started = tokio::time::Instant::now();
+        let first = open.open();
+        let second = open.open();
+        let watch = open.clone();
+        let done = tokio::spawn(async move { watch.idle_for(idle).await });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(second);
+        done.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_connection_with_no_request_is_idle_after_the_bound() {
+        let open = OpenRequests::default();
+        let started = tokio::time::Instant::now();
+        open.idle_for(Duration::from_secs(3)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]

@@ -293,8 +293,10 @@ pub struct LinkRewriter {
     config: Arc<Config>,
     patterns: Arc<RewritePatterns>,
     route: Arc<Route>,
-    /// The request's own route in `patterns.mappings`, tried first.
-    preferred: Option<usize>,
+    /// Per upstream (API, git), the mappings to try in order: the request's own route first,
+    /// then the longest upstream prefix (transparent routes first on a tie). Computed once per
+    /// response because judging a URL is the rewriter's innermost loop.
+    candidates: [Box<[usize]>; 2],
     /// `http://host` of the proxy, plain and JSON-escaped.
     proxy_origin: [Bytes; 2],
     /// An unfinished match, or a possible start of one, from the previous chunk.
@@ -355,12 +357,20 @@ impl LinkRewriter {
             .mappings
             .iter()
             .position(|m| m.prefix == route.prefix);
+        let order = |upstream: UpstreamKind| -> Box<[usize]> {
+            preferred
+                .into_iter()
+                .chain((0..patterns.mappings.len()).filter(|&i| Some(i) != preferred))
+                .filter(|&i| patterns.mappings[i].upstream == upstream)
+                .collect()
+        };
+        let candidates = [order(UpstreamKind::Api), order(UpstreamKind::Git)];
         let escaped = Bytes::from(escape_slashes(&String::from_utf8_lossy(&proxy_origin)));
         LinkRewriter {
             config,
             patterns,
             route,
-            preferred,
+            candidates,
             proxy_origin: [proxy_origin, escaped],
             carry: Vec::new(),
             joined: Vec::new(),
@@ -501,7 +511,7 @@ impl LinkRewriter {
                 }
                 continue;
             }
-            if !rest.starts_with(base) {
+            if !short_equal(&rest[..base.len()], base) {
                 continue;
             }
             match segment_boundary(&rest[base.len()..], escaped, last) {
@@ -526,25 +536,33 @@ impl LinkRewriter {
         let max = tail
             .len()
             .min(self.patterns.longest_needle.saturating_sub(1));
-        (1..=max)
-            .rev()
-            .find(|&k| {
-                let suffix = &tail[tail.len() - k..];
-                self.patterns
-                    .needles
+        let window = &tail[tail.len() - max..];
+        let needles = &self.patterns.needles;
+        // Only offsets holding an origin's first byte (`h`) can start a cut one: checking that
+        // first spares a comparison per offset on every chunk.
+        window
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| {
+                needles
+                    .iter()
+                    .any(|n| n.finder.needle().first() == Some(&b))
+            })
+            .map(|(at, _)| &window[at..])
+            .find(|suffix| {
+                needles
                     .iter()
                     .any(|needle| needle.finder.needle().starts_with(suffix))
             })
-            .unwrap_or(0)
+            .map_or(0, <[u8]>::len)
     }
 
-    /// The mappings to try for `upstream`, in order: the request's own route, then the
-    /// longest upstream prefix (transparent routes first on a tie).
     fn candidates(&self, upstream: UpstreamKind) -> impl Iterator<Item = usize> + '_ {
-        self.preferred
-            .into_iter()
-            .chain(0..self.patterns.mappings.len())
-            .filter(move |&i| self.patterns.mappings[i].upstream == upstream)
+        let kind = match upstream {
+            UpstreamKind::Api => 0,
+            UpstreamKind::Git => 1,
+        };
+        self.candidates[kind].iter().copied()
     }
 
     /// The same inverse mapping for a whole path (relative redirects); an uncovered path is
@@ -587,6 +605,28 @@ impl LinkRewriter {
         );
         once.process(value, true)
     }
+}
+
+/// `a == b` for the few dozen bytes of a route prefix, inline: a call into libc's `memcmp`
+/// costs more than the comparison, and this runs for nearly every URL in a body.
+#[inline]
+fn short_equal(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a_words, mut b_words) = (a.chunks_exact(8), b.chunks_exact(8));
+    let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().expect("chunks of 8"));
+    if (&mut a_words)
+        .zip(&mut b_words)
+        .any(|(x, y)| word(x) != word(y))
+    {
+        return false;
+    }
+    a_words
+        .remainder()
+        .iter()
+        .zip(b_words.remainder())
+        .all(|(x, y)| x == y)
 }
 
 /// Whether a path continues past a prefix on a segment boundary: `Some(true)` at `/` (`\/` in
