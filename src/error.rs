@@ -32,6 +32,10 @@ pub enum ProxyError {
     ForeignTarget(String),
     #[error("CONNECT is not supported: this is not a forward proxy")]
     ConnectRefused,
+    #[error(
+        "the request has {0} Host headers; an HTTP/1.1 request needs exactly one (RFC 9112, section 3.2)"
+    )]
+    HostHeaders(usize),
     #[error("the request path is refused: {0}")]
     BadPath(#[from] PathError),
     #[error("no route matches this path")]
@@ -72,6 +76,7 @@ impl ProxyError {
         match self {
             ProxyError::ClientNotAllowed(_)
             | ProxyError::ForeignTarget(_)
+            | ProxyError::HostHeaders(_)
             | ProxyError::ConnectRefused
             | ProxyError::BadPath(_)
             | ProxyError::NoRoute
@@ -89,9 +94,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::ForeignTarget(_) | ProxyError::BadPath(_) | ProxyError::ClientBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::ForeignTarget(_)
+            | ProxyError::HostHeaders(_)
+            | ProxyError::BadPath(_)
+            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
                 StatusCode::METHOD_NOT_ALLOWED
@@ -110,7 +116,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::ClientNotAllowed(_) => "client-not-allowed",
-            ProxyError::ForeignTarget(_) => "bad-target",
+            ProxyError::ForeignTarget(_) | ProxyError::HostHeaders(_) => "bad-target",
             ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
                 "method-not-allowed"
             }
@@ -131,6 +137,7 @@ impl ProxyError {
         match self {
             ProxyError::ClientNotAllowed(_) => "Client not allowed",
             ProxyError::ForeignTarget(_) => "Not a forward proxy",
+            ProxyError::HostHeaders(_) => "Bad Host header",
             ProxyError::ConnectRefused => "CONNECT is not supported",
             ProxyError::BadPath(_) => "Bad request path",
             ProxyError::NoRoute => "No route for this path",

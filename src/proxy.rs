@@ -192,6 +192,13 @@ pub fn check_target<B>(
     if request.method() == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
+    // Two Host headers mean two readings of where the request goes: whichever one a later
+    // phase picked, another hop could pick the other. HTTP/1.0 predates Host and h2 carries
+    // `:authority`, so only HTTP/1.1 must have one.
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
+        return Err(ProxyError::HostHeaders(hosts));
+    }
     let uri = request.uri();
     match (uri.scheme(), uri.authority()) {
         (None, None) => Ok(()),

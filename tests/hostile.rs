@@ -465,6 +465,42 @@ async fn connect_opens_no_tunnel() {
     panics.assert_none();
 }
 
+/// Host decides where a request goes for every hop after us: an HTTP/1.1 request with two, or
+/// none, is refused (RFC 9112, section 3.2) and never reaches the upstream.
+#[tokio::test]
+async fn http11_needs_exactly_one_host_header() {
+    let panics = PanicWatch::start();
+    let pki = TestPki::new();
+    let mock = echo_mock(&pki);
+    let proxy = start(&pki, &mock).await;
+    let a = proxy.addr;
+    let cases = [
+        (
+            "two Host headers",
+            format!(
+                "GET {OPEN} HTTP/1.1\r\nHost: {a}\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "no Host header",
+            format!("GET {OPEN} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        ),
+    ];
+    for (name, request) in cases {
+        let exchange = raw_exchange(a, request.as_bytes(), WAIT).await;
+        let text = exchange.text();
+        assert!(text.starts_with("HTTP/1.1 400 "), "{name}: {text:?}");
+        assert!(
+            text.contains("x-bitbucket-auth-proxy: bad-target"),
+            "{name}: {text:?}"
+        );
+        assert!(text.contains("Host header"), "{name}: {text:?}");
+    }
+    assert_eq!(mock.request_count(), 0);
+    assert_still_serving(&proxy).await;
+    panics.assert_none();
+}
+
 /// Decision: HTTP/1.0 without `Host` is served (routing uses only the path; `Host` is never
 /// forwarded), answered in HTTP/1.0 and closed.
 #[tokio::test]
