@@ -125,6 +125,16 @@ async fn start(config: &Path) -> RunningProxy {
         .expect("start the proxy")
 }
 
+/// The common start: a directory whose `secrets/token` holds `OLD_TOKEN`, and the proxy serving
+/// `widgets_config` against `api`.
+async fn start_widgets(pki: &TestPki, api: &MockUpstream) -> (Dir, RunningProxy, SocketAddr) {
+    let dir = Dir::new(pki);
+    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
+    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
+    let addr = proxy.local_addrs()[0];
+    (dir, proxy, addr)
+}
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -555,10 +565,7 @@ async fn shutdown_lets_a_streaming_response_finish_and_refuses_new_connections()
             octet_stream(streamed_body(CHUNKS, Duration::from_millis(100), done))
         }
     });
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
-    let addr = proxy.local_addrs()[0];
+    let (_dir, proxy, addr) = start_widgets(&pki, &api).await;
 
     let mut response = get(addr, "/2.0/repositories/acme/widgets/downloads/big").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -603,10 +610,7 @@ async fn shutdown_cuts_what_is_still_running_when_the_grace_period_ends() {
             octet_stream(body)
         }
     });
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
-    let addr = proxy.local_addrs()[0];
+    let (_dir, proxy, addr) = start_widgets(&pki, &api).await;
 
     let mut response = get(addr, "/2.0/repositories/acme/widgets/downloads/endless").await;
     let _feeder = feeders.recv().await.unwrap();
@@ -786,10 +790,7 @@ async fn admin_endpoints_answer_with_the_documented_content() {
             .body(Full::from("{}"))
             .unwrap()
     });
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
-    let addr = proxy.local_addrs()[0];
+    let (_dir, proxy, addr) = start_widgets(&pki, &api).await;
 
     let response = get(addr, "/-/health").await;
     assert_eq!(response.status(), StatusCode::OK);
