@@ -32,12 +32,44 @@ use crate::routing::{Route, RouteTable, segment_prefix_matches};
 /// expand to (deflate's worst case is about 1000:1).
 const DECODE_SLICE: usize = 4096;
 
-/// One origin to look for: its bytes as they appear in a body, and what they stand for.
-struct Needle {
-    finder: memmem::Finder<'static>,
+/// One origin to look for. Its authority is what is searched, so one pass finds both the plain
+/// and the JSON-escaped form; the scheme just before it says which form it is.
+struct OriginFinder {
+    authority: memmem::Finder<'static>,
+    /// `https://` and `https:\/\/` (or `http…`).
+    schemes: [Vec<u8>; 2],
     upstream: UpstreamKind,
-    /// The JSON form with escaped slashes (`https:\/\/…`).
-    escaped: bool,
+}
+
+impl OriginFinder {
+    fn new(origin: &str, upstream: UpstreamKind) -> Self {
+        let (scheme, authority) = origin.split_once("://").unwrap_or(("https", origin));
+        OriginFinder {
+            authority: memmem::Finder::new(authority.as_bytes()).into_owned(),
+            schemes: [
+                format!("{scheme}://").into_bytes(),
+                format!("{scheme}:\\/\\/").into_bytes(),
+            ],
+            upstream,
+        }
+    }
+
+    /// Whether `before` (the unwritten bytes up to a found authority) ends with this origin's
+    /// scheme: `Some(escaped)`, or `None` when the authority is not part of such a URL.
+    fn form_before(&self, before: &[u8]) -> Option<bool> {
+        // Neither scheme form ends the other, so the order only matters for speed: plain first.
+        let ends_with = |scheme: &[u8]| {
+            before.len() >= scheme.len()
+                && short_equal(&before[before.len() - scheme.len()..], scheme)
+        };
+        if ends_with(&self.schemes[0]) {
+            Some(false)
+        } else if ends_with(&self.schemes[1]) {
+            Some(true)
+        } else {
+            None
+        }
+    }
 }
 
 /// One route read backwards: an upstream path prefix and the local prefix that replaces it,
@@ -51,14 +83,18 @@ struct Mapping {
 
 /// What the rewriter looks for and what it writes instead, compiled once per config generation.
 ///
-/// Each origin is searched with its own SIMD substring finder. URLs are so dense in Bitbucket's
-/// JSON that a multi-pattern automaton keyed on rare bytes kept stopping on false candidates
-/// (`bench/rewrite.rs` measured it at a third of this speed). After an origin only the route
-/// prefix is compared; the rest of the URL is copied like any other byte.
+/// Each origin's authority is searched with its own SIMD substring finder, one pass for the plain
+/// and the escaped form (a finder per form cost a second pass over every chunk for a form that is
+/// rarely there). URLs are so dense in Bitbucket's JSON that a multi-pattern automaton keyed on
+/// rare bytes kept stopping on false candidates (`bench/rewrite.rs` measured it at a third of
+/// this speed). After an origin only the route prefix is compared; the rest of the URL is copied
+/// like any other byte.
 pub struct RewritePatterns {
-    /// API origin plain and escaped, then git origin plain and escaped. REST routes use the
-    /// first two; git routes all four.
-    needles: Vec<Needle>,
+    /// The API origin, then the git origin. REST routes look for the first; git routes both.
+    origins: Vec<OriginFinder>,
+    /// Each origin as it appears in a body, plain and escaped: what a chunk may end in the
+    /// middle of.
+    needles: Vec<Vec<u8>>,
     /// Longest upstream prefix first; on a tie a transparent route (prefix = upstream_prefix)
     /// first, so links keep their familiar shape.
     mappings: Vec<Mapping>,
@@ -69,7 +105,7 @@ pub struct RewritePatterns {
 impl std::fmt::Debug for RewritePatterns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RewritePatterns")
-            .field("needles", &self.needles.len())
+            .field("origins", &self.origins.len())
             .field("mappings", &self.mappings.len())
             .finish()
     }
@@ -82,19 +118,14 @@ fn escape_slashes(text: &str) -> String {
 impl RewritePatterns {
     pub fn new(config: &Config) -> Self {
         let (api, git) = (&config.upstream.api, &config.upstream.git);
-        let needles: Vec<Needle> = [
-            (api.text.clone(), UpstreamKind::Api, false),
-            (escape_slashes(&api.text), UpstreamKind::Api, true),
-            (git.text.clone(), UpstreamKind::Git, false),
-            (escape_slashes(&git.text), UpstreamKind::Git, true),
-        ]
-        .into_iter()
-        .map(|(text, upstream, escaped)| Needle {
-            finder: memmem::Finder::new(text.as_bytes()).into_owned(),
-            upstream,
-            escaped,
-        })
-        .collect();
+        let origins = vec![
+            OriginFinder::new(&api.text, UpstreamKind::Api),
+            OriginFinder::new(&git.text, UpstreamKind::Git),
+        ];
+        let needles: Vec<Vec<u8>> = [&api.text, &git.text]
+            .into_iter()
+            .flat_map(|text| [text.clone().into_bytes(), escape_slashes(text).into_bytes()])
+            .collect();
         let mut mappings: Vec<Mapping> = config
             .routes
             .routes()
@@ -115,25 +146,22 @@ impl RewritePatterns {
             (std::cmp::Reverse(m.upstream_base[0].len()), !transparent)
         });
         RewritePatterns {
-            longest_needle: needles
-                .iter()
-                .map(|n| n.finder.needle().len())
-                .max()
-                .unwrap_or(0),
+            longest_needle: needles.iter().map(Vec::len).max().unwrap_or(0),
             longest_base: mappings
                 .iter()
                 .map(|m| m.upstream_base[1].len())
                 .max()
                 .unwrap_or(0),
+            origins,
             needles,
             mappings,
         }
     }
 
-    fn for_route(&self, upstream: UpstreamKind) -> &[Needle] {
+    fn for_route(&self, upstream: UpstreamKind) -> &[OriginFinder] {
         match upstream {
-            UpstreamKind::Api => &self.needles[..2],
-            UpstreamKind::Git => &self.needles,
+            UpstreamKind::Api => &self.origins[..1],
+            UpstreamKind::Git => &self.origins,
         }
     }
 
@@ -444,22 +472,23 @@ impl LinkRewriter {
         last: bool,
         out: &mut BytesMut,
     ) -> Scan {
-        let needles = self.patterns.for_route(self.route.upstream);
-        // The next occurrence of each needle at or after `search_from`; `None` once exhausted.
-        let mut next: [Option<usize>; 4] = [Some(usize::MAX); 4];
+        let origins = self.patterns.for_route(self.route.upstream);
+        // The next occurrence of each authority at or after `search_from`; `None` once
+        // exhausted.
+        let mut next: [Option<usize>; 2] = [Some(usize::MAX); 2];
         let mut pos = from;
         let mut search_from = from;
         loop {
-            for (slot, needle) in next.iter_mut().zip(needles) {
+            for (slot, origin) in next.iter_mut().zip(origins) {
                 if matches!(*slot, Some(at) if at == usize::MAX || at < search_from) {
-                    *slot = needle
-                        .finder
+                    *slot = origin
+                        .authority
                         .find(&buf[search_from..])
                         .map(|at| at + search_from);
                 }
             }
-            // Earliest start; on a tie (api_url = git_url) the API needle, listed first.
-            let Some((index, start)) = next[..needles.len()]
+            // Earliest; on a tie (api_url = git_url) the API origin, listed first.
+            let Some((index, at)) = next[..origins.len()]
                 .iter()
                 .enumerate()
                 .filter_map(|(i, at)| at.map(|at| (i, at)))
@@ -467,14 +496,20 @@ impl LinkRewriter {
             else {
                 break;
             };
+            let origin = &origins[index];
+            // The scheme must be unwritten input too: bytes before `pos` are already out.
+            let Some(escaped) = origin.form_before(&buf[pos..at]) else {
+                search_from = at + 1;
+                continue;
+            };
+            let form = usize::from(escaped);
+            let start = at - origin.schemes[form].len();
             if starts_before.is_some_and(|limit| start >= limit) {
                 break;
             }
-            let needle = &needles[index];
-            let end = start + needle.finder.needle().len();
-            match self.judge(&buf[end..], needle.upstream, needle.escaped, last) {
+            let end = at + origin.authority.needle().len();
+            match self.judge(&buf[end..], origin.upstream, escaped, last) {
                 Verdict::Rewrite { consumed, mapping } => {
-                    let form = usize::from(needle.escaped);
                     out.extend_from_slice(&buf[pos..start]);
                     out.extend_from_slice(&self.proxy_origin[form]);
                     if let Some(mapping) = mapping {
@@ -483,7 +518,7 @@ impl LinkRewriter {
                     pos = end + consumed;
                     search_from = pos;
                 }
-                Verdict::NotOurs => search_from = start + 1,
+                Verdict::NotOurs => search_from = at + 1,
                 Verdict::NeedMore => {
                     out.extend_from_slice(&buf[pos..start]);
                     return Scan::Unfinished { start };
@@ -543,17 +578,9 @@ impl LinkRewriter {
         window
             .iter()
             .enumerate()
-            .filter(|&(_, &b)| {
-                needles
-                    .iter()
-                    .any(|n| n.finder.needle().first() == Some(&b))
-            })
+            .filter(|&(_, &b)| needles.iter().any(|n| n.first() == Some(&b)))
             .map(|(at, _)| &window[at..])
-            .find(|suffix| {
-                needles
-                    .iter()
-                    .any(|needle| needle.finder.needle().starts_with(suffix))
-            })
+            .find(|suffix| needles.iter().any(|needle| needle.starts_with(suffix)))
             .map_or(0, <[u8]>::len)
     }
 
