@@ -254,34 +254,42 @@ impl UpstreamRequestBody {
     }
 }
 
-impl Body for UpstreamRequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
+/// `Body` for an enum whose every variant holds a pinned body in a field `body`: each call goes
+/// to that body.
+macro_rules! delegate_body {
+    ($name:ident, $projection:ident { $($variant:ident),+ }) => {
+        impl Body for $name {
+            type Data = Bytes;
+            type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            UpstreamRequestBodyProj::Client { body } => body.poll_frame(cx),
-            UpstreamRequestBodyProj::Local { body } => body.poll_frame(cx),
-        }
-    }
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                match self.project() {
+                    $($projection::$variant { body } => body.poll_frame(cx),)+
+                }
+            }
 
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamRequestBody::Client { body } => body.is_end_stream(),
-            UpstreamRequestBody::Local { body } => body.is_end_stream(),
-        }
-    }
+            fn is_end_stream(&self) -> bool {
+                match self {
+                    $($name::$variant { body } => body.is_end_stream(),)+
+                }
+            }
 
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamRequestBody::Client { body } => body.size_hint(),
-            UpstreamRequestBody::Local { body } => body.size_hint(),
+            fn size_hint(&self) -> SizeHint {
+                match self {
+                    $($name::$variant { body } => body.size_hint(),)+
+                }
+            }
         }
-    }
+    };
 }
+
+delegate_body!(
+    UpstreamRequestBody,
+    UpstreamRequestBodyProj { Client, Local }
+);
 
 pin_project! {
     /// Every response body the proxy sends: an upstream stream, or a small local answer.
@@ -301,37 +309,14 @@ impl ProxyBody {
     }
 }
 
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
-            ProxyBodyProj::Rewritten { body } => body.poll_frame(cx),
-            ProxyBodyProj::Local { body } => body.poll_frame(cx),
-        }
+delegate_body!(
+    ProxyBody,
+    ProxyBodyProj {
+        Upstream,
+        Rewritten,
+        Local
     }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream { body } => body.is_end_stream(),
-            ProxyBody::Rewritten { body } => body.is_end_stream(),
-            ProxyBody::Local { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream { body } => body.size_hint(),
-            ProxyBody::Rewritten { body } => body.size_hint(),
-            ProxyBody::Local { body } => body.size_hint(),
-        }
-    }
-}
+);
 
 #[cfg(test)]
 mod tests {
