@@ -79,6 +79,9 @@ pub struct Metrics {
     pub ratelimit_local_sent: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_remaining: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_refused: Family<CredentialLabels, Counter>,
+    /// The empty route and credential label of requests no route took (admin paths, 404s),
+    /// allocated once rather than per request.
+    no_route: Arc<str>,
 }
 
 impl Default for Metrics {
@@ -90,6 +93,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut metrics = Metrics {
+            no_route: Arc::from(NO_ROUTE),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram),
@@ -210,7 +214,7 @@ impl Metrics {
 
     pub fn record_request(&self, request: &RequestRecord<'_>) {
         let (route, credential) = request.route.map_or_else(
-            || (Arc::<str>::from(NO_ROUTE), Arc::<str>::from(NO_ROUTE)),
+            || (self.no_route.clone(), self.no_route.clone()),
             |(r, c)| (r.clone(), c.clone()),
         );
         self.requests
