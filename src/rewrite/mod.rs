@@ -58,13 +58,9 @@ impl OriginFinder {
     /// scheme: `Some(escaped)`, or `None` when the authority is not part of such a URL.
     fn form_before(&self, before: &[u8]) -> Option<bool> {
         // Neither scheme form ends the other, so the order only matters for speed: plain first.
-        let ends_with = |scheme: &[u8]| {
-            before.len() >= scheme.len()
-                && short_equal(&before[before.len() - scheme.len()..], scheme)
-        };
-        if ends_with(&self.schemes[0]) {
+        if before.ends_with(&self.schemes[0]) {
             Some(false)
-        } else if ends_with(&self.schemes[1]) {
+        } else if before.ends_with(&self.schemes[1]) {
             Some(true)
         } else {
             None
@@ -122,9 +118,16 @@ impl RewritePatterns {
             OriginFinder::new(&api.text, UpstreamKind::Api),
             OriginFinder::new(&git.text, UpstreamKind::Git),
         ];
-        let needles: Vec<Vec<u8>> = [&api.text, &git.text]
-            .into_iter()
-            .flat_map(|text| [text.clone().into_bytes(), escape_slashes(text).into_bytes()])
+        // The same origins whole, for the chunk-boundary check: built from the finders so the two
+        // can never disagree about what an escaped origin looks like.
+        let needles: Vec<Vec<u8>> = origins
+            .iter()
+            .flat_map(|origin| {
+                origin
+                    .schemes
+                    .iter()
+                    .map(|scheme| [scheme.as_slice(), origin.authority.needle()].concat())
+            })
             .collect();
         let mut mappings: Vec<Mapping> = config
             .routes
