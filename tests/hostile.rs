@@ -38,6 +38,22 @@ async fn start(pki: &TestPki, mock: &MockUpstream) -> TestProxy {
     Setup::new(&mock.base_url(), pki.ca_path()).start().await
 }
 
+/// A test's world: this thread's panics counted from the start, the PKI, an echoing mock
+/// upstream and the proxy in front of it.
+async fn echo_arena() -> (PanicWatch, TestPki, MockUpstream, TestProxy) {
+    let panics = PanicWatch::start();
+    let pki = TestPki::new();
+    let mock = echo_mock(&pki);
+    let proxy = start(&pki, &mock).await;
+    (panics, pki, mock, proxy)
+}
+
+/// How every case ends: the proxy still serves, and nothing panicked.
+async fn assert_unharmed(proxy: &TestProxy, panics: PanicWatch) {
+    assert_still_serving(proxy).await;
+    panics.assert_none();
+}
+
 /// The only response is a 400 (hyper's own, or the proxy's), and the connection is closed.
 fn assert_refused_and_closed(name: &str, exchange: &RawExchange) {
     let responses = exchange.responses();
@@ -92,16 +108,12 @@ async fn content_length_with_transfer_encoding_is_read_chunked_and_closed() {
     // Exactly the three chunked bodies, and never the request hidden after them.
     assert_eq!(bodies.complete(), vec![bytes::Bytes::from("abc"); 3]);
     assert!(mock.requests().iter().all(|r| !r.uri.contains("smuggled")));
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 #[tokio::test]
 async fn other_transfer_encodings_and_conflicting_lengths_are_refused() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases = [
         (
@@ -141,8 +153,7 @@ async fn other_transfer_encodings_and_conflicting_lengths_are_refused() {
     assert_refused_and_closed("chunked on HTTP/1.0", &exchange);
     assert_eq!(mock.request_count(), 0);
     assert_eq!(mock.connection_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 #[tokio::test]
@@ -190,16 +201,12 @@ async fn bad_chunk_framing_never_reaches_the_upstream_as_a_complete_body() {
     let response = raw(a, &request).await;
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(bodies.complete(), [bytes::Bytes::from("abc")]);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 #[tokio::test]
 async fn malformed_header_lines_are_refused() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases = [
         ("obs-fold with space", "X-Foo: a\r\n b"),
@@ -230,8 +237,7 @@ async fn malformed_header_lines_are_refused() {
     );
     assert_eq!(mock.request_count(), 0);
     assert_eq!(mock.connection_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// Decision: bare LF is accepted and re-framed; bare CR never ends a line, so the head is left
@@ -269,16 +275,12 @@ async fn bare_lf_is_accepted_and_bare_cr_never_completes_a_head() {
         assert_refused_and_closed(name, &exchange);
     }
     assert_eq!(mock.request_count(), 1, "a bare-CR request went upstream");
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 #[tokio::test]
 async fn a_megabyte_of_headers_gets_431_and_a_64_kib_uri_is_refused() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
 
     let many: String = (0..17 * 1024)
@@ -309,17 +311,13 @@ async fn a_megabyte_of_headers_gets_431_and_a_64_kib_uri_is_refused() {
     );
     assert_eq!(mock.request_count(), 0);
     assert_eq!(mock.connection_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 #[tokio::test]
 async fn invalid_utf8_and_control_characters_in_the_path_are_refused() {
     // Raw NUL, DEL and \x01 are in tests/proxy.rs (ATTACKS); these are the others.
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases: [(&str, &[u8]); 9] = [
         ("invalid UTF-8", b"/\xff\xfe"),
@@ -367,18 +365,14 @@ async fn invalid_utf8_and_control_characters_in_the_path_are_refused() {
         1,
         "only the valid UTF-8 path went upstream"
     );
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// Absolute-form for other hosts, authority-form with GET and CONNECT to other hosts are in
 /// tests/proxy.rs; these are the forms it does not try.
 #[tokio::test]
 async fn other_request_target_forms_are_refused() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases = [
         ("asterisk-form", "OPTIONS * HTTP/1.1".to_owned(), "bad-path"),
@@ -425,18 +419,14 @@ async fn other_request_target_forms_are_refused() {
     }
     assert_eq!(mock.request_count(), 0);
     assert_eq!(mock.connection_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// A refused CONNECT opens no tunnel: the bytes a client meant for the tunnel (here a TLS
 /// ClientHello's first bytes) are read as HTTP and refused, and reach nobody.
 #[tokio::test]
 async fn connect_opens_no_tunnel() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let m = mock.addr();
     let mut request = format!("CONNECT {m} HTTP/1.1\r\nHost: {m}\r\n\r\n").into_bytes();
@@ -461,18 +451,14 @@ async fn connect_opens_no_tunnel() {
         0,
         "the proxy connected for a tunnel"
     );
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// Host decides where a request goes for every hop after us: an HTTP/1.1 request with two, or
 /// none, is refused (RFC 9112, section 3.2) and never reaches the upstream.
 #[tokio::test]
 async fn http11_needs_exactly_one_host_header() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases = [
         (
@@ -497,18 +483,14 @@ async fn http11_needs_exactly_one_host_header() {
         assert!(text.contains("Host header"), "{name}: {text:?}");
     }
     assert_eq!(mock.request_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// Decision: HTTP/1.0 without `Host` is served (routing uses only the path; `Host` is never
 /// forwarded), answered in HTTP/1.0 and closed.
 #[tokio::test]
 async fn http10_without_host_is_served_and_closed() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let request = format!("GET {OPEN}/old HTTP/1.0\r\n\r\n");
     let exchange = raw_exchange(proxy.addr, request.as_bytes(), WAIT).await;
     assert!(
@@ -531,10 +513,7 @@ async fn http10_without_host_is_served_and_closed() {
 /// all once the connection is closed; never one request's bytes read as another's.
 #[tokio::test]
 async fn pipelined_requests_after_a_refusal_are_answered_in_order_or_not_at_all() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {a}\r\n\r\n");
     let last =
@@ -608,10 +587,7 @@ async fn pipelined_requests_after_a_refusal_are_answered_in_order_or_not_at_all(
 
 #[tokio::test]
 async fn upgrade_requests_are_not_upgraded_and_upgrade_is_not_forwarded() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let a = proxy.addr;
     let cases = [
         (
@@ -660,10 +636,7 @@ async fn h2c_prior_knowledge_with_bad_frames_closes_the_connection() {
         out
     }
     let settings = frame(4, 0, 0, &[]);
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let cases: [(&str, Vec<u8>); 8] = [
         ("garbage after the preface", vec![0xff; 64]),
         ("SETTINGS of a bad length", frame(4, 0, 0, &[0, 1, 0])),
@@ -709,18 +682,14 @@ async fn h2c_prior_knowledge_with_bad_frames_closes_the_connection() {
     assert_refused_and_closed("bad preface", &exchange);
     assert_eq!(mock.request_count(), 0);
     assert_eq!(mock.connection_count(), 0);
-    assert_still_serving(&proxy).await;
-    panics.assert_none();
+    assert_unharmed(&proxy, panics).await;
 }
 
 /// The slowest byte of a hostile client, one at a time, still ends in a refusal and a close:
 /// parsing state carried across reads is no way around the checks.
 #[tokio::test]
 async fn a_conflicting_head_sent_byte_by_byte_is_still_refused() {
-    let panics = PanicWatch::start();
-    let pki = TestPki::new();
-    let mock = echo_mock(&pki);
-    let proxy = start(&pki, &mock).await;
+    let (panics, _pki, mock, proxy) = echo_arena().await;
     let request = format!(
         "POST {OPEN} HTTP/1.1\r\nHost: {}\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
         proxy.addr

@@ -135,6 +135,25 @@ async fn start_widgets(pki: &TestPki, api: &MockUpstream) -> (Dir, RunningProxy,
     (dir, proxy, addr)
 }
 
+/// `start_widgets` with `NEW_TOKEN` waiting in `secrets/next-token`; also returns the config
+/// that switches to it.
+async fn start_widgets_with_next_token(
+    pki: &TestPki,
+    api: &MockUpstream,
+) -> (Dir, RunningProxy, SocketAddr, String) {
+    let (dir, proxy, addr) = start_widgets(pki, api).await;
+    dir.write("secrets/next-token", &format!("{NEW_TOKEN}\n"));
+    let next = widgets_config(&api.base_url()).replace("secrets/token", "secrets/next-token");
+    (dir, proxy, addr, next)
+}
+
+async fn assert_drains(proxy: RunningProxy) {
+    assert_eq!(
+        proxy.shutdown(Duration::from_secs(5)).await,
+        ShutdownOutcome::Drained
+    );
+}
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -204,6 +223,30 @@ async fn metrics(addr: SocketAddr) -> String {
 }
 
 /// The value of one exact series (`name{labels}`) in a metrics exposition.
+/// The reload series of `/-/metrics`, as written there.
+#[derive(Debug, PartialEq, Eq)]
+struct ReloadSeries<'a> {
+    generation: Option<&'a str>,
+    ok: Option<&'a str>,
+    failed: Option<&'a str>,
+}
+
+impl<'a> ReloadSeries<'a> {
+    fn of(text: &'a str) -> Self {
+        ReloadSeries {
+            generation: sample(text, "bitbucket_auth_proxy_config_generation"),
+            ok: sample(
+                text,
+                r#"bitbucket_auth_proxy_config_reloads_total{result="ok"}"#,
+            ),
+            failed: sample(
+                text,
+                r#"bitbucket_auth_proxy_config_reloads_total{result="failed"}"#,
+            ),
+        }
+    }
+}
+
 fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
     text.lines()
         .filter_map(|line| line.rsplit_once(' '))
@@ -222,6 +265,28 @@ async fn ready(addr: SocketAddr) -> (StatusCode, serde_json::Value) {
         )
     });
     (status, json)
+}
+
+/// A mock whose `/downloads/` responses are held open: each one's body sender goes to the
+/// returned receiver, for the test to feed. Every other path echoes the `Authorization` it got.
+fn held_downloads_mock(
+    pki: &TestPki,
+) -> (MockUpstream, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+    let (feeders_tx, feeders) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
+    let api = MockUpstream::start(pki.server_config(), move |head, body| {
+        let feeders_tx = feeders_tx.clone();
+        async move {
+            drain_body(body).await;
+            if head.uri.contains("/downloads/") {
+                let (tx, body) = fed_body();
+                feeders_tx.send(tx).unwrap();
+                octet_stream(body)
+            } else {
+                echo_auth(&head).map(|b| b.map_err(|never| match never {}).boxed())
+            }
+        }
+    });
+    (api, feeders)
 }
 
 /// A response body the test feeds chunk by chunk; it ends when the sender is dropped.
@@ -307,10 +372,8 @@ fn assert_pattern(received: &[u8], chunks: usize) {
 async fn token_file_rewritten_in_place_is_used_within_two_seconds() {
     let pki = TestPki::new();
     let api = MockUpstream::start_simple(pki.server_config(), echo_auth);
-    let dir = Dir::new(&pki);
-    let token = dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
-    let addr = proxy.local_addrs()[0];
+    let (dir, proxy, addr) = start_widgets(&pki, &api).await;
+    let token = dir.path("secrets/token");
     assert_eq!(auth_seen(addr).await, bearer(OLD_TOKEN));
 
     use std::os::unix::fs::MetadataExt as _;
@@ -325,10 +388,7 @@ async fn token_file_rewritten_in_place_is_used_within_two_seconds() {
     wait_for_auth(addr, &bearer(NEW_TOKEN), SETTLE_WITHIN).await;
     assert!(proxy.state().current().number >= 2);
     assert_eq!(proxy.local_addrs()[0], addr, "same listener, no restart");
-    assert_eq!(
-        proxy.shutdown(Duration::from_secs(5)).await,
-        ShutdownOutcome::Drained
-    );
+    assert_drains(proxy).await;
 }
 
 /// Kubernetes updates a Secret volume by writing a new timestamped directory, pointing a
@@ -337,21 +397,7 @@ async fn token_file_rewritten_in_place_is_used_within_two_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_symlink_swap_is_seen_while_a_request_in_flight_keeps_the_old_token() {
     let pki = TestPki::new();
-    // `/slow` hands its body sender to the test, which holds the response open.
-    let (feeders_tx, mut feeders) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
-    let api = MockUpstream::start(pki.server_config(), move |head, body| {
-        let feeders_tx = feeders_tx.clone();
-        async move {
-            drain_body(body).await;
-            if head.uri.ends_with("/slow") {
-                let (tx, body) = fed_body();
-                feeders_tx.send(tx).unwrap();
-                octet_stream(body)
-            } else {
-                echo_auth(&head).map(|b| b.map_err(|never| match never {}).boxed())
-            }
-        }
-    });
+    let (api, mut feeders) = held_downloads_mock(&pki);
 
     let dir = Dir::new(&pki);
     dir.write("secrets/..2026_a/token", &format!("{OLD_TOKEN}\n"));
@@ -398,10 +444,7 @@ async fn kubernetes_symlink_swap_is_seen_while_a_request_in_flight_keeps_the_old
         slow_head.header("authorization"),
         Some(bearer(OLD_TOKEN).as_str())
     );
-    assert_eq!(
-        proxy.shutdown(Duration::from_secs(5)).await,
-        ShutdownOutcome::Drained
-    );
+    assert_drains(proxy).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -412,19 +455,13 @@ async fn kubernetes_symlink_swap_is_seen_while_a_request_in_flight_keeps_the_old
 async fn invalid_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     let pki = TestPki::new();
     let api = MockUpstream::start_simple(pki.server_config(), echo_auth);
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    dir.write("secrets/next-token", &format!("{NEW_TOKEN}\n"));
-    let valid = widgets_config(&api.base_url());
-    let proxy = start(&dir.write_config(&valid)).await;
-    let addr = proxy.local_addrs()[0];
+    let (dir, proxy, addr, next) = start_widgets_with_next_token(&pki, &api).await;
     let reload = proxy.reload_handle();
     // Only explicit reloads here, so the counts below are exact (the file watcher would reload
     // on the same writes; the next test covers it).
     reload.stop();
 
     // Points at the next token, but with an unknown key: nothing of it may be applied.
-    let next = valid.replace("secrets/token", "secrets/next-token");
     dir.write_config(&format!("unknown_key = true\n{next}"));
     let error = reload
         .reload()
@@ -435,24 +472,12 @@ async fn invalid_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(auth_seen(addr).await, bearer(OLD_TOKEN));
     let text = metrics(addr).await;
     assert_eq!(
-        sample(
-            &text,
-            r#"bitbucket_auth_proxy_config_reloads_total{result="failed"}"#
-        ),
-        Some("1"),
-        "{text}"
-    );
-    assert_eq!(
-        sample(
-            &text,
-            r#"bitbucket_auth_proxy_config_reloads_total{result="ok"}"#
-        ),
-        None,
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "bitbucket_auth_proxy_config_generation"),
-        Some("1"),
+        ReloadSeries::of(&text),
+        ReloadSeries {
+            generation: Some("1"),
+            ok: None,
+            failed: Some("1"),
+        },
         "{text}"
     );
     let (status, json) = ready(addr).await;
@@ -465,44 +490,27 @@ async fn invalid_config_on_reload_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(auth_seen(addr).await, bearer(NEW_TOKEN));
     let text = metrics(addr).await;
     assert_eq!(
-        sample(&text, "bitbucket_auth_proxy_config_generation"),
-        Some("2"),
-        "{text}"
-    );
-    assert_eq!(
-        sample(
-            &text,
-            r#"bitbucket_auth_proxy_config_reloads_total{result="ok"}"#
-        ),
-        Some("1"),
+        ReloadSeries::of(&text),
+        ReloadSeries {
+            generation: Some("2"),
+            ok: Some("1"),
+            failed: Some("1"),
+        },
         "{text}"
     );
     assert_eq!(ready(addr).await.1["config_generation"], 2);
-    assert_eq!(
-        proxy.shutdown(Duration::from_secs(5)).await,
-        ShutdownOutcome::Drained
-    );
+    assert_drains(proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_ignores_an_invalid_config_and_applies_the_next_valid_one() {
     let pki = TestPki::new();
     let api = MockUpstream::start_simple(pki.server_config(), echo_auth);
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    dir.write("secrets/next-token", &format!("{NEW_TOKEN}\n"));
-    let valid = widgets_config(&api.base_url());
-    let proxy = start(&dir.write_config(&valid)).await;
-    let addr = proxy.local_addrs()[0];
-
-    let next = valid.replace("secrets/token", "secrets/next-token");
+    let (dir, proxy, addr, next) = start_widgets_with_next_token(&pki, &api).await;
     dir.replace_config(&format!("unknown_key = true\n{next}"));
     eventually(SETTLE_WITHIN, move || async move {
         let text = metrics(addr).await;
-        match sample(
-            &text,
-            r#"bitbucket_auth_proxy_config_reloads_total{result="failed"}"#,
-        ) {
+        match ReloadSeries::of(&text).failed {
             Some(_) => Ok(()),
             None => Err(format!("no failed reload counted:\n{text}")),
         }
@@ -514,20 +522,14 @@ async fn watcher_ignores_an_invalid_config_and_applies_the_next_valid_one() {
     dir.replace_config(&next);
     wait_for_auth(addr, &bearer(NEW_TOKEN), SETTLE_WITHIN).await;
     assert!(proxy.state().current().number >= 2);
-    assert_eq!(
-        proxy.shutdown(Duration::from_secs(5)).await,
-        ShutdownOutcome::Drained
-    );
+    assert_drains(proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrelated_files_beside_the_config_do_not_trigger_reloads() {
     let pki = TestPki::new();
     let api = MockUpstream::start_simple(pki.server_config(), echo_auth);
-    let dir = Dir::new(&pki);
-    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
-    let config = dir.write_config(&widgets_config(&api.base_url()));
-    let proxy = start(&config).await;
+    let (dir, proxy, addr) = start_widgets(&pki, &api).await;
     // A log file written next to the config, and an editor's swap file beside the secret.
     for i in 0..10 {
         dir.write("proxy.log", &format!("line {i}\n").repeat(i + 1));
@@ -542,7 +544,7 @@ async fn unrelated_files_beside_the_config_do_not_trigger_reloads() {
     );
     // A real change still reloads.
     dir.write("secrets/token", &format!("{NEW_TOKEN}\n"));
-    wait_for_auth(proxy.local_addrs()[0], &bearer(NEW_TOKEN), SETTLE_WITHIN).await;
+    wait_for_auth(addr, &bearer(NEW_TOKEN), SETTLE_WITHIN).await;
     assert_eq!(proxy.state().current().number, 2);
     proxy.shutdown(Duration::from_secs(5)).await;
 }
@@ -600,16 +602,7 @@ async fn shutdown_lets_a_streaming_response_finish_and_refuses_new_connections()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_what_is_still_running_when_the_grace_period_ends() {
     let pki = TestPki::new();
-    let (feeders_tx, mut feeders) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
-    let api = MockUpstream::start(pki.server_config(), move |_head, body| {
-        let feeders_tx = feeders_tx.clone();
-        async move {
-            drain_body(body).await;
-            let (tx, body) = fed_body();
-            feeders_tx.send(tx).unwrap();
-            octet_stream(body)
-        }
-    });
+    let (api, mut feeders) = held_downloads_mock(&pki);
     let (_dir, proxy, addr) = start_widgets(&pki, &api).await;
 
     let mut response = get(addr, "/2.0/repositories/acme/widgets/downloads/endless").await;
@@ -666,20 +659,7 @@ fn signal(pid: u32, signal: &str) {
 async fn binary_reloads_on_sighup_and_drains_a_streaming_response_on_sigterm_then_exits_zero() {
     const CHUNKS: usize = 6;
     let pki = TestPki::new();
-    let (feeders_tx, mut feeders) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
-    let api = MockUpstream::start(pki.server_config(), move |head, body| {
-        let feeders_tx = feeders_tx.clone();
-        async move {
-            drain_body(body).await;
-            if head.uri.ends_with("/slow") {
-                let (tx, body) = fed_body();
-                feeders_tx.send(tx).unwrap();
-                octet_stream(body)
-            } else {
-                echo_auth(&head).map(|b| b.map_err(|never| match never {}).boxed())
-            }
-        }
-    });
+    let (api, mut feeders) = held_downloads_mock(&pki);
     let dir = Dir::new(&pki);
     dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
     let listen = free_port();
@@ -979,10 +959,7 @@ async fn unix_socket_listener_replaces_a_stale_socket_and_serves_with_the_config
     let response = unix_get(&socket, "/-/health").await;
     assert_eq!(response.status(), StatusCode::OK);
 
-    assert_eq!(
-        proxy.shutdown(Duration::from_secs(5)).await,
-        ShutdownOutcome::Drained
-    );
+    assert_drains(proxy).await;
     assert!(!socket.exists(), "the socket file outlived the proxy");
 }
 
