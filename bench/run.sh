@@ -19,20 +19,20 @@ usage: bench/run.sh [--quick] [--rounds N] [--duration S] [--mode unpinned|pinne
   --rounds N    interleaved rounds per mode (default 2)
   --duration S  seconds per measured cell (default 10)
   --mode M      unpinned, pinned or both (default both)
-  --targets L   comma-separated subset of direct,nginx,haproxy,proxy,proxy-rw (default all;
-                nginx is always run, ratios are to it)
+  --targets L   comma-separated subset of direct,nginx,haproxy,proxy,proxy-rw,proxy-h1
+                (default all; nginx is always run, ratios are to it)
   --perf        after the matrix, `perf record -e cpu-clock` the proxy under pinned 1 KiB c64
                 (bench/results/perf-proxy-c64.{data,txt}); perf's sampling is not in the table
   --no-build    use the existing target/release binary
   --bin PATH    benchmark this proxy binary instead of building (an A/B of a change, a
                 profiling build)
   --keep        keep the temporary directory (configs, logs) for inspection
-Environment: BENCH_PORT_BASE (default 28400; uses 7 ports from there).
+Environment: BENCH_PORT_BASE (default 28400; uses 8 ports from there).
 EOF
     exit "${1:-2}"
 }
 
-TARGET_LIST=direct,nginx,haproxy,proxy,proxy-rw BIN_SRC="" QUICK=0 ROUNDS=2 DUR=10 WARMUP=2 PERF=0 BUILD=1 KEEP=0
+TARGET_LIST=direct,nginx,haproxy,proxy,proxy-rw,proxy-h1 BIN_SRC="" QUICK=0 ROUNDS=2 DUR=10 WARMUP=2 PERF=0 BUILD=1 KEEP=0
 MODES=(unpinned pinned)
 ARGS="$*"
 while (($#)); do
@@ -137,8 +137,8 @@ cp "$BIN_SRC" "$BIN" # others may rebuild target/ while this runs
 # --- Ports -----------------------------------------------------------------------------------
 BASE=${BENCH_PORT_BASE:-28400}
 P_UP=$BASE P_STATUS=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_HAPROXY=$((BASE + 3))
-P_PROXY=$((BASE + 4)) P_PROXYRW=$((BASE + 5)) P_START=$((BASE + 6))
-for p in $P_UP $P_STATUS $P_NGINX $P_HAPROXY $P_PROXY $P_PROXYRW $P_START; do
+P_PROXY=$((BASE + 4)) P_PROXYRW=$((BASE + 5)) P_START=$((BASE + 6)) P_PROXYH1=$((BASE + 7))
+for p in $P_UP $P_STATUS $P_NGINX $P_HAPROXY $P_PROXY $P_PROXYRW $P_START $P_PROXYH1; do
     [[ -z $(ss -Hltn "sport = :$p") ]] || die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -313,7 +313,7 @@ backend be
 EOF
 }
 
-write_proxy_conf() { # $1 file $2 port $3 rewrite_links
+write_proxy_conf() { # $1 file $2 port $3 rewrite_links [$4 upstream.http2]
     cat >"$1" <<EOF
 [server]
 listen = ["127.0.0.1:$2"]
@@ -321,6 +321,7 @@ listen = ["127.0.0.1:$2"]
 [upstream]
 api_url = "$UP_ORIGIN"
 ca_file = "$CA"
+http2 = ${4:-true}
 
 [credentials.acme]
 kind = "workspace_access_token"
@@ -338,6 +339,7 @@ mkdir -p "$WORK/proxy" "$WORK/logs"
 write_proxy_conf "$WORK/proxy/plain.toml" "$P_PROXY" false
 write_proxy_conf "$WORK/proxy/rewrite.toml" "$P_PROXYRW" true
 write_proxy_conf "$WORK/proxy/startup.toml" "$P_START" false
+write_proxy_conf "$WORK/proxy/http1.toml" "$P_PROXYH1" false false
 "$BIN" check --config "$WORK/proxy/plain.toml" >/dev/null 2>"$WORK/logs/check.log" ||
     { cat "$WORK/logs/check.log" >&2; die "the proxy refused the bench config"; }
 
@@ -377,7 +379,8 @@ upstream_accepts() { curl -s --max-time 5 "http://127.0.0.1:$P_STATUS/status" | 
 CLK_TCK=$(getconf CLK_TCK)
 
 # Target name -> port / master pid (set by start_stack).
-declare -A PORT=([nginx]=$P_NGINX [haproxy]=$P_HAPROXY [proxy]=$P_PROXY [proxy-rw]=$P_PROXYRW)
+declare -A PORT=([nginx]=$P_NGINX [haproxy]=$P_HAPROXY [proxy]=$P_PROXY [proxy-rw]=$P_PROXYRW
+    [proxy-h1]=$P_PROXYH1)
 declare -A MASTER=()
 STACK=()
 
@@ -423,14 +426,18 @@ start_stack() { # $1 mode
     TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/proxy-$mode-rewrite.log" \
         "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/rewrite.toml" --log-format json
     MASTER[proxy-rw]=$LAST_PID
+    TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/proxy-$mode-http1.log" \
+        "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/http1.toml" --log-format json
+    MASTER[proxy-h1]=$LAST_PID
     wait_until "nginx target" listening "$P_NGINX"
     wait_until "haproxy" listening "$P_HAPROXY"
     wait_until "proxy" health_ok "$P_PROXY"
     wait_until "proxy (rewrite)" health_ok "$P_PROXYRW"
+    wait_until "proxy (http2 = false)" health_ok "$P_PROXYH1"
     sleep 0.5
     declare -gA IDLE_RSS=()
     local t
-    for t in nginx haproxy proxy proxy-rw; do IDLE_RSS[$t]=$(rss_kib $(target_pids "$t")); done
+    for t in nginx haproxy proxy proxy-rw proxy-h1; do IDLE_RSS[$t]=$(rss_kib $(target_pids "$t")); done
 }
 
 preflight() { # the upstream refuses a wrong header; every target gets 200 and the right bytes
@@ -441,7 +448,7 @@ preflight() { # the upstream refuses a wrong header; every target gets 200 and t
         die "upstream does not refuse a wrong Authorization"
     [[ $(http_code "$UP_ORIGIN$PAGE_PATH" --cacert "$CA" -H "Authorization: Bearer $TOKEN") == 200 ]] ||
         die "upstream does not serve the page with the right Authorization"
-    for t in nginx haproxy proxy proxy-rw; do
+    for t in nginx haproxy proxy proxy-rw proxy-h1; do
         url=http://127.0.0.1:${PORT[$t]}
         body=$(curl -sf --max-time 10 "$url$PAGE_PATH") || die "$t: GET $PAGE_PATH failed ($(http_code "$url$PAGE_PATH"))"
         if [[ $t == proxy-rw ]]; then
@@ -578,7 +585,7 @@ log "proxy start-up to first 200 on /-/health (median min max, ms): $STARTUP"
 
 CELLS=(page-c1 page-c16 page-c64 big-c4)
 TARGETS=()
-for t in direct nginx haproxy proxy proxy-rw; do
+for t in direct nginx haproxy proxy proxy-rw proxy-h1; do
     [[ $t == nginx || ,$TARGET_LIST, == *,$t,* ]] && TARGETS+=("$t")
 done
 for mode in "${MODES[@]}"; do
@@ -650,7 +657,8 @@ print("Each figure is the median over rounds; ×nginx is the median over rounds 
       "the same round (×direct likewise). CPU is the target's utime+stime (all its processes) per "
       "request; new up conns is the upstream's accepted connections during the measured run "
       "(after the warm-up), 0 when pooling works. proxy-rw is this proxy with rewrite_links on "
-      "(the others do not rewrite).")
+      "(the others do not rewrite); proxy-h1 is this proxy with upstream.http2 = false (HTTP/1.1 "
+      "to the upstream, as nginx and HAProxy use; proxy and proxy-rw use h2).")
 print()
 print(f"Proxy start-up, exec to first 200 on /-/health: median {startup[0]:.1f} ms "
       f"(min {startup[1]:.1f}, max {startup[2]:.1f}; 7 starts).")
@@ -686,7 +694,7 @@ def cpu_fmt(v, big):
     return "—" if v is None else (f"{v / 64:,.0f} /MiB" if big else f"{v:,.1f}")
 
 cells = ["page-c1", "page-c16", "page-c64", "big-c4"]
-targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw"]
+targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw", "proxy-h1"]
 modes = [m for m in ("unpinned", "pinned") if any(k[0] == m for k in by)]
 for mode in modes:
     print()
@@ -741,6 +749,8 @@ if m:
         check(f"p99 vs nginx, {c}", ratio(m, c, "proxy", "p99_us", "nginx"), "≤ 1.00×", lambda v: v <= 1.0)
     check("64 MiB MiB/s vs direct", ratio(m, "big-c4", "proxy", "mib_per_s", "direct"), "≥ 0.90×",
           lambda v: v >= 0.9)
+    check("64 MiB MiB/s vs direct, upstream.http2 = false",
+          ratio(m, "big-c4", "proxy-h1", "mib_per_s", "direct"), "≥ 0.90×", lambda v: v >= 0.9)
     peak = metric(m, "page-c64", "proxy", "peak_rss_kib")
     check("peak RSS, page-c64 (MiB)", peak / 1024 if peak else None, "≤ 15", lambda v: v <= 15)
     idle = metric(m, "page-c64", "proxy", "idle_rss_kib")

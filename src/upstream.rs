@@ -90,8 +90,9 @@ pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-/// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN,
-/// HTTP/1.1 otherwise. Certificates are always verified; there is no switch to turn that off.
+/// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN (and
+/// `upstream.http2` allows it), HTTP/1.1 otherwise. Certificates are always verified; there is
+/// no switch to turn that off.
 pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
     let mut http = HttpConnector::new();
     // The scheme is enforced by config validation (https, or http on loopback only).
@@ -99,12 +100,17 @@ pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(TCP_KEEPALIVE));
-    let https = HttpsConnectorBuilder::new()
+    let egress = EgressConnector::new(http, settings.proxy.as_ref());
+    let http1 = HttpsConnectorBuilder::new()
         .with_tls_config(tls_config(settings))
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(EgressConnector::new(http, settings.proxy.as_ref()));
+        .enable_http1();
+    // ALPN offers `h2, http/1.1` or `http/1.1` alone; the server picks from what is offered.
+    let https = if settings.http2 {
+        http1.enable_http2().wrap_connector(egress)
+    } else {
+        http1.wrap_connector(egress)
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -427,6 +427,71 @@ credential = "acme"
 }
 
 // ---------------------------------------------------------------------------
+// The shipped configs
+// ---------------------------------------------------------------------------
+
+const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+
+/// README's first command runs `config/example.toml`; the Docker image runs `container.toml`.
+#[test]
+fn shipped_configs_pass_check() {
+    for name in ["example.toml", "minimal.toml", "container.toml"] {
+        let (out, stdout, stderr) = output(
+            bin()
+                .arg("check")
+                .arg("--config")
+                .arg(format!("{SHIPPED}/{name}"))
+                .env("BITBUCKET_TOKEN", "shipped-config-token"),
+        );
+        assert!(out.status.success(), "{name}:\n{stdout}{stderr}");
+    }
+}
+
+/// The keys of one README table: the first cell of each row, between backticks.
+fn documented_keys(readme: &str, heading: &str) -> Vec<String> {
+    let section = readme
+        .split_once(heading)
+        .unwrap_or_else(|| panic!("README has no {heading}"))
+        .1;
+    let end = section.find("\n#").unwrap_or(section.len());
+    section[..end]
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `")?.split_once('`'))
+        .map(|(key, _)| key.to_owned())
+        .collect()
+}
+
+/// `config/example.toml` is where the README sends readers for "every key".
+#[test]
+fn example_config_shows_every_documented_key() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let example = std::fs::read_to_string(format!("{SHIPPED}/example.toml")).unwrap();
+    let shown = |key: &str| {
+        example.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line.starts_with(&format!("{key} ="))
+        })
+    };
+    let mut checked = 0;
+    for heading in ["### `[server]`", "### `[upstream]`", "### `[[routes]]`"] {
+        let keys = documented_keys(&readme, heading);
+        assert!(keys.len() >= 4, "{heading}: {keys:?}");
+        for key in keys {
+            assert!(
+                shown(&key),
+                "{heading} documents `{key}`; config/example.toml lacks it"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 20,
+        "only {checked} keys found in the README tables"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // run: secrets never in the logs
 // ---------------------------------------------------------------------------
 

@@ -1325,8 +1325,17 @@ async fn upstream_version_follows_alpn_and_connections_are_pooled() {
     let pki = TestPki::new();
     let h2 = echo_mock(&pki);
     let h1 = MockUpstream::start_simple(pki.server_config_with_alpn(ALPN_H1), echo);
-    for (mock, version) in [(&h2, Version::HTTP_2), (&h1, Version::HTTP_11)] {
-        let proxy = Setup::new(&mock.base_url(), pki.ca_path()).start().await;
+    let h2_declined = echo_mock(&pki);
+    for (mock, upstream, version) in [
+        (&h2, "", Version::HTTP_2),
+        (&h1, "", Version::HTTP_11),
+        // The upstream offers h2, but `http2 = false` offers it only HTTP/1.1.
+        (&h2_declined, "http2 = false", Version::HTTP_11),
+    ] {
+        let proxy = Setup::new(&mock.base_url(), pki.ca_path())
+            .upstream(upstream)
+            .start()
+            .await;
         for i in 0..20 {
             let response = get(
                 proxy.addr,

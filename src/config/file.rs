@@ -48,6 +48,7 @@ pub struct UpstreamSection {
     pub timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub verify_interval: Option<String>,
+    pub http2: Option<bool>,
     pub proxy: Option<String>,
     pub proxy_username: Option<String>,
     pub proxy_password: Option<SecretSpec>,

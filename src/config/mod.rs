@@ -86,6 +86,8 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// How often credentials with `verify = true` are checked against Bitbucket.
     pub verify_interval: Duration,
+    /// `upstream.http2`: offer HTTP/2 in ALPN (else HTTP/1.1 only).
+    pub http2: bool,
     /// `upstream.proxy`: the HTTP proxy to tunnel through (else the environment's, if any).
     pub proxy: Option<crate::egress::EgressProxy>,
 }

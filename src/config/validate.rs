@@ -273,6 +273,7 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
             section.verify_interval.as_deref(),
             DEFAULT_VERIFY_INTERVAL,
         ),
+        http2: section.http2.unwrap_or(true),
         proxy: egress_proxy(issues, section, base_dir),
     }
 }
