@@ -381,6 +381,8 @@ CLK_TCK=$(getconf CLK_TCK)
 # Target name -> port / master pid (set by start_stack).
 declare -A PORT=([nginx]=$P_NGINX [haproxy]=$P_HAPROXY [proxy]=$P_PROXY [proxy-rw]=$P_PROXYRW
     [proxy-h1]=$P_PROXYH1)
+# This proxy's targets -> their config in $WORK/proxy.
+declare -A PROXY_CONF=([proxy]=plain [proxy-rw]=rewrite [proxy-h1]=http1)
 declare -A MASTER=()
 STACK=()
 
@@ -420,24 +422,21 @@ start_stack() { # $1 mode
     MASTER[haproxy]=$LAST_PID
     # tokio's Builder::new_multi_thread() reads TOKIO_WORKER_THREADS when worker_threads() is not
     # called (src/cli.rs does not call it); without it, one worker per CPU in the affinity mask.
-    TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/proxy-$mode-plain.log" \
-        "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/plain.toml" --log-format json
-    MASTER[proxy]=$LAST_PID
-    TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/proxy-$mode-rewrite.log" \
-        "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/rewrite.toml" --log-format json
-    MASTER[proxy-rw]=$LAST_PID
-    TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/proxy-$mode-http1.log" \
-        "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/http1.toml" --log-format json
-    MASTER[proxy-h1]=$LAST_PID
+    local target config
+    for target in proxy proxy-rw proxy-h1; do
+        config=${PROXY_CONF[$target]}
+        TOKIO_WORKER_THREADS=$workers RUST_LOG=warn start_bg "$WORK/logs/$target-$mode.log" \
+            "${pin_target[@]}" "$BIN" run --config "$WORK/proxy/$config.toml" --log-format json
+        MASTER[$target]=$LAST_PID
+    done
     wait_until "nginx target" listening "$P_NGINX"
     wait_until "haproxy" listening "$P_HAPROXY"
-    wait_until "proxy" health_ok "$P_PROXY"
-    wait_until "proxy (rewrite)" health_ok "$P_PROXYRW"
-    wait_until "proxy (http2 = false)" health_ok "$P_PROXYH1"
+    for target in proxy proxy-rw proxy-h1; do
+        wait_until "$target (${PROXY_CONF[$target]}.toml)" health_ok "${PORT[$target]}"
+    done
     sleep 0.5
     declare -gA IDLE_RSS=()
-    local t
-    for t in nginx haproxy proxy proxy-rw proxy-h1; do IDLE_RSS[$t]=$(rss_kib $(target_pids "$t")); done
+    for target in "${!PORT[@]}"; do IDLE_RSS[$target]=$(rss_kib $(target_pids "$target")); done
 }
 
 preflight() { # the upstream refuses a wrong header; every target gets 200 and the right bytes
@@ -448,7 +447,7 @@ preflight() { # the upstream refuses a wrong header; every target gets 200 and t
         die "upstream does not refuse a wrong Authorization"
     [[ $(http_code "$UP_ORIGIN$PAGE_PATH" --cacert "$CA" -H "Authorization: Bearer $TOKEN") == 200 ]] ||
         die "upstream does not serve the page with the right Authorization"
-    for t in nginx haproxy proxy proxy-rw proxy-h1; do
+    for t in "${!PORT[@]}"; do
         url=http://127.0.0.1:${PORT[$t]}
         body=$(curl -sf --max-time 10 "$url$PAGE_PATH") || die "$t: GET $PAGE_PATH failed ($(http_code "$url$PAGE_PATH"))"
         if [[ $t == proxy-rw ]]; then
