@@ -120,30 +120,34 @@ pin_project! {
         idle: Duration,
         direction: Direction,
         counter: Option<Arc<ByteCounter>>,
-        progress: Progress,
+        // Only an upload can hold back the upstream's answer; nothing waits on a response
+        // body's progress or on an empty body's, so those never allocate one.
+        progress: Option<Progress>,
     }
 }
 
-impl<B> TimedBody<B> {
+impl<B: Body> TimedBody<B> {
     pub fn new(
         inner: B,
         idle: Duration,
         direction: Direction,
         counter: Option<Arc<ByteCounter>>,
     ) -> Self {
+        let progress =
+            (direction == Direction::Request && !inner.is_end_stream()).then(Progress::new);
         TimedBody {
             inner,
             deadline: None,
             idle,
             direction,
             counter,
-            progress: Progress::new(),
+            progress,
         }
     }
 
-    /// When this body last moved.
-    pub fn progress(&self) -> &Progress {
-        &self.progress
+    /// When this upload last moved; `None` for responses and empty bodies.
+    pub fn progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
     }
 }
 
@@ -166,7 +170,9 @@ where
                 if let Some(deadline) = this.deadline.as_mut() {
                     deadline.as_mut().reset(Instant::now() + *this.idle);
                 }
-                this.progress.touch();
+                if let Some(progress) = this.progress {
+                    progress.touch();
+                }
                 if let (Some(Ok(frame)), Some(counter)) = (&frame, this.counter.as_ref())
                     && let Some(data) = frame.data_ref()
                 {
@@ -245,10 +251,10 @@ impl UpstreamRequestBody {
         }
     }
 
-    /// When a client's body last moved towards the upstream; `None` for local bodies.
+    /// When a client's upload last moved towards the upstream; `None` for local and empty bodies.
     pub fn progress(&self) -> Option<Progress> {
         match self {
-            UpstreamRequestBody::Client { body } => Some(body.progress().clone()),
+            UpstreamRequestBody::Client { body } => body.progress().cloned(),
             UpstreamRequestBody::Local { .. } => None,
         }
     }
@@ -357,7 +363,11 @@ mod tests {
             Direction::Request,
             None,
         ));
-        let progress = Some(body.progress().clone());
+        let progress = body.progress().cloned();
+        assert!(
+            progress.is_some(),
+            "an upload that has not ended is watched"
+        );
         let started = Instant::now();
         // The "response" arrives 3 s after a 12 s upload: 15 s in all, past `idle`.
         let upload = async {
@@ -390,6 +400,32 @@ mod tests {
         )
         .await;
         assert!(result.is_err());
+    }
+
+    #[test]
+    fn only_uploads_with_a_body_track_progress() {
+        let idle = Duration::from_secs(5);
+        let upload = TimedBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"pack")),
+            idle,
+            Direction::Request,
+            None,
+        );
+        assert!(upload.progress().is_some());
+        let empty = TimedBody::new(
+            http_body_util::Empty::<Bytes>::new(),
+            idle,
+            Direction::Request,
+            None,
+        );
+        assert!(empty.progress().is_none());
+        let response = TimedBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"page")),
+            idle,
+            Direction::Response,
+            None,
+        );
+        assert!(response.progress().is_none());
     }
 
     fn tokio_stream_from<T>(

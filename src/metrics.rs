@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -243,7 +243,11 @@ impl Metrics {
 
     /// Keeps the last `X-RateLimit-*` values Bitbucket sent for a credential.
     pub fn record_rate_limit(&self, credential: &Arc<str>, headers: &HeaderMap) {
-        let number = |name: &str| {
+        // Named once: looking a header up by `&str` parses the name on every response.
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const NEAR_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-nearlimit");
+        let number = |name: &HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
@@ -252,18 +256,15 @@ impl Metrics {
         let labels = || CredentialLabels {
             credential: credential.clone(),
         };
-        if let Some(limit) = number("x-ratelimit-limit") {
+        if let Some(limit) = number(&LIMIT) {
             self.ratelimit_limit.get_or_create(&labels()).set(limit);
         }
-        if let Some(remaining) = number("x-ratelimit-remaining") {
+        if let Some(remaining) = number(&REMAINING) {
             self.ratelimit_remaining
                 .get_or_create(&labels())
                 .set(remaining);
         }
-        if let Some(near) = headers
-            .get("x-ratelimit-nearlimit")
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(near) = headers.get(&NEAR_LIMIT).and_then(|v| v.to_str().ok()) {
             let near = near.trim().eq_ignore_ascii_case("true") || near.trim() == "1";
             self.ratelimit_near_limit
                 .get_or_create(&labels())
