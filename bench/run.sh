@@ -14,20 +14,23 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: bench/run.sh [--quick] [--rounds N] [--duration S] [--mode unpinned|pinned|both]
-                    [--targets LIST] [--perf] [--no-build | --bin PATH] [--keep]
+                    [--targets LIST] [--floors] [--perf] [--no-build | --bin PATH] [--keep]
   --quick       3 s cells, 1 round, 1 s warm-up (smoke test)
   --rounds N    interleaved rounds per mode (default 2)
   --duration S  seconds per measured cell (default 10)
   --mode M      unpinned, pinned or both (default both)
-  --targets L   comma-separated subset of direct,nginx,haproxy,proxy,proxy-rw,proxy-h1
-                (default all; nginx is always run, ratios are to it)
+  --targets L   comma-separated subset of direct,nginx,haproxy,proxy,proxy-rw,proxy-h1,
+                floor-hyper,floor-h2 (default all but the floors; nginx is always run, ratios
+                are to it)
+  --floors      add floor-hyper and floor-h2 (bench/floor): the least this proxy's stack costs
+                per request, with nothing of the proxy around it
   --perf        after the matrix, `perf record -e cpu-clock` the proxy under pinned 1 KiB c64
                 (bench/results/perf-proxy-c64.{data,txt}); perf's sampling is not in the table
   --no-build    use the existing target/release binary
   --bin PATH    benchmark this proxy binary instead of building (an A/B of a change, a
                 profiling build)
   --keep        keep the temporary directory (configs, logs) for inspection
-Environment: BENCH_PORT_BASE (default 28400; uses 8 ports from there).
+Environment: BENCH_PORT_BASE (default 28400; uses 10 ports from there).
 EOF
     exit "${1:-2}"
 }
@@ -49,6 +52,7 @@ while (($#)); do
             shift
             ;;
         --targets) TARGET_LIST=${2:?}; shift ;;
+        --floors) TARGET_LIST=$TARGET_LIST,floor-hyper,floor-h2 ;;
         --perf) PERF=1 ;;
         --no-build) BUILD=0 ;;
         --bin) BUILD=0 BIN_SRC=$(realpath "${2:?}"); shift ;;
@@ -92,6 +96,19 @@ if ((BUILD)); then
     (cd "$ROOT" && cargo build --release)
 fi
 [[ -x $BIN_SRC ]] || die "$BIN_SRC not found (build it, or drop --no-build)"
+FLOORS=0
+[[ ,$TARGET_LIST, == *,floor-* ]] && FLOORS=1
+FLOOR_DIR=$ROOT/bench/floor/target/release
+if ((FLOORS && BUILD)); then
+    log "cargo build --release (bench/floor)"
+    cargo build --release --manifest-path "$ROOT/bench/floor/Cargo.toml" \
+        --target-dir "$ROOT/bench/floor/target"
+fi
+if ((FLOORS)); then
+    for f in floor-hyper floor-h2; do
+        [[ -x $FLOOR_DIR/$f ]] || die "$FLOOR_DIR/$f not found (build bench/floor, or drop --no-build)"
+    done
+fi
 
 # --- Everything started here is stopped on exit -----------------------------------------------
 WORK=$(mktemp -d /tmp/bbap-bench.XXXXXX)
@@ -133,12 +150,15 @@ trap 'exit 130' INT TERM
 
 BIN=$WORK/bitbucket-auth-proxy
 cp "$BIN_SRC" "$BIN" # others may rebuild target/ while this runs
+if ((FLOORS)); then cp "$FLOOR_DIR/floor-hyper" "$FLOOR_DIR/floor-h2" "$WORK/"; fi
 
 # --- Ports -----------------------------------------------------------------------------------
 BASE=${BENCH_PORT_BASE:-28400}
 P_UP=$BASE P_STATUS=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_HAPROXY=$((BASE + 3))
 P_PROXY=$((BASE + 4)) P_PROXYRW=$((BASE + 5)) P_START=$((BASE + 6)) P_PROXYH1=$((BASE + 7))
-for p in $P_UP $P_STATUS $P_NGINX $P_HAPROXY $P_PROXY $P_PROXYRW $P_START $P_PROXYH1; do
+P_FLOOR=$((BASE + 8)) P_FLOORH2=$((BASE + 9))
+for p in $P_UP $P_STATUS $P_NGINX $P_HAPROXY $P_PROXY $P_PROXYRW $P_START $P_PROXYH1 $P_FLOOR \
+    $P_FLOORH2; do
     [[ -z $(ss -Hltn "sport = :$p") ]] || die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -381,6 +401,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # Target name -> port / master pid (set by start_stack).
 declare -A PORT=([nginx]=$P_NGINX [haproxy]=$P_HAPROXY [proxy]=$P_PROXY [proxy-rw]=$P_PROXYRW
     [proxy-h1]=$P_PROXYH1)
+((FLOORS)) && PORT+=([floor-hyper]=$P_FLOOR [floor-h2]=$P_FLOORH2)
 # This proxy's targets -> their config in $WORK/proxy.
 declare -A PROXY_CONF=([proxy]=plain [proxy-rw]=rewrite [proxy-h1]=http1)
 declare -A MASTER=()
@@ -431,9 +452,21 @@ start_stack() { # $1 mode
     done
     wait_until "nginx target" listening "$P_NGINX"
     wait_until "haproxy" listening "$P_HAPROXY"
+    if ((FLOORS)); then
+        for target in floor-hyper floor-h2; do
+            FLOOR_TOKEN=$TOKEN TOKIO_WORKER_THREADS=$workers start_bg \
+                "$WORK/logs/$target-$mode.log" "${pin_target[@]}" "$WORK/$target" \
+                "127.0.0.1:${PORT[$target]}" "$UP_ORIGIN" "$CA"
+            MASTER[$target]=$LAST_PID
+        done
+    fi
     for target in proxy proxy-rw proxy-h1; do
         wait_until "$target (${PROXY_CONF[$target]}.toml)" health_ok "${PORT[$target]}"
     done
+    if ((FLOORS)); then
+        wait_until "floor-hyper" listening "$P_FLOOR"
+        wait_until "floor-h2" listening "$P_FLOORH2"
+    fi
     sleep 0.5
     declare -gA IDLE_RSS=()
     for target in "${!PORT[@]}"; do IDLE_RSS[$target]=$(rss_kib $(target_pids "$target")); done
@@ -584,7 +617,7 @@ log "proxy start-up to first 200 on /-/health (median min max, ms): $STARTUP"
 
 CELLS=(page-c1 page-c16 page-c64 big-c4)
 TARGETS=()
-for t in direct nginx haproxy proxy proxy-rw proxy-h1; do
+for t in direct nginx haproxy proxy proxy-rw proxy-h1 floor-hyper floor-h2; do
     [[ $t == nginx || ,$TARGET_LIST, == *,$t,* ]] && TARGETS+=("$t")
 done
 for mode in "${MODES[@]}"; do
@@ -658,6 +691,12 @@ print("Each figure is the median over rounds; ×nginx is the median over rounds 
       "(after the warm-up), 0 when pooling works. proxy-rw is this proxy with rewrite_links on "
       "(the others do not rewrite); proxy-h1 is this proxy with upstream.http2 = false (HTTP/1.1 "
       "to the upstream, as nginx and HAProxy use; proxy and proxy-rw use h2).")
+if any(r["target"].startswith("floor-") for r in rows):
+    print()
+    print("floor-hyper and floor-h2 (bench/floor, with --floors) are not proxies: a hyper HTTP/1.1 "
+          "server that drops Host, sets Authorization and forwards, through hyper-util's pooled "
+          "client (floor-hyper) or one h2 connection driven by the h2 crate (floor-h2), with no "
+          "routes, limits, timeouts, metrics or logs. They show what this stack costs at the least.")
 print()
 print(f"Proxy start-up, exec to first 200 on /-/health: median {startup[0]:.1f} ms "
       f"(min {startup[1]:.1f}, max {startup[2]:.1f}; 7 starts).")
@@ -693,7 +732,7 @@ def cpu_fmt(v, big):
     return "—" if v is None else (f"{v / 64:,.0f} /MiB" if big else f"{v:,.1f}")
 
 cells = ["page-c1", "page-c16", "page-c64", "big-c4"]
-targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw", "proxy-h1"]
+targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw", "proxy-h1", "floor-hyper", "floor-h2"]
 modes = [m for m in ("unpinned", "pinned") if any(k[0] == m for k in by)]
 for mode in modes:
     print()
@@ -758,6 +797,23 @@ if m:
     for c in ("page-c16", "page-c64"):
         check(f"req/s rewrite on vs off, {c}", ratio(m, c, "proxy-rw", "req_per_s", "proxy"), "≥ 0.90×",
               lambda v: v >= 0.9)
+
+floors = [t for t in ("floor-hyper", "floor-h2") if any(k[2] == t for k in by)]
+if m and floors:
+    # How far the proxy is from the least its stack can cost, and that least against nginx.
+    print()
+    print("## The stack's floor")
+    print()
+    print(f"Mode: {m}. Ratios to nginx in the same round, for this proxy and the two floors.")
+    print()
+    shown = ["proxy"] + floors
+    print("| cell | figure | " + " | ".join(shown) + " |")
+    print("|---|---|" + "--:|" * len(shown))
+    for c in ("page-c16", "page-c64"):
+        for label, k in (("CPU µs/req ×nginx", "cpu_us_per_req"), ("req/s ×nginx", "req_per_s")):
+            print(f"| {c} | {label} | " + " | ".join(fmt(ratio(m, c, t, k, "nginx"), 2) for t in shown) + " |")
+    print(f"| big-c4 | MiB/s ×direct | "
+          + " | ".join(fmt(ratio(m, "big-c4", t, "mib_per_s", "direct"), 2) for t in shown) + " |")
 EOF
 cp "$MD" "$RESULTS/latest.md"
 cat "$MD"
