@@ -132,11 +132,10 @@ pub struct InFlightLimit<S> {
 impl<S, B> Service<Request<B>> for InFlightLimit<S>
 where
     S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<PermitBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<PermitBody>, Infallible>> + Send>>;
+    type Future = InFlightFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -151,25 +150,70 @@ where
         } else {
             self.permits.clone().try_acquire_owned().ok()
         };
-        if permit.is_none() && !exempt {
-            let response = ProxyError::Overloaded
+        let state = if permit.is_none() && !exempt {
+            let refusal = ProxyError::Overloaded
                 .into_response()
                 .map(|body| PermitBody {
                     inner: body,
                     _permit: None,
                     _open: open,
                 });
-            return Box::pin(std::future::ready(Ok(response)));
+            InFlightState::Refused {
+                refusal: Some(refusal),
+            }
+        } else {
+            InFlightState::Admitted {
+                inner: self.inner.call(request),
+                held: Some((permit, open)),
+            }
+        };
+        InFlightFuture { state }
+    }
+}
+
+pin_project! {
+    /// [`InFlightLimit`]'s response future: named, so the layer adds no allocation per request.
+    pub struct InFlightFuture<F> {
+        #[pin]
+        state: InFlightState<F>,
+    }
+}
+
+pin_project! {
+    #[project = InFlightStateProjection]
+    enum InFlightState<F> {
+        Refused { refusal: Option<Response<PermitBody>> },
+        Admitted {
+            #[pin]
+            inner: F,
+            // Handed to the response body, which holds them until it is done.
+            held: Option<(Option<OwnedSemaphorePermit>, OpenRequest)>,
+        },
+    }
+}
+
+impl<F> Future for InFlightFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<PermitBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        const DONE: &str = "InFlightFuture polled after it completed";
+        match self.project().state.project() {
+            InFlightStateProjection::Refused { refusal } => {
+                Poll::Ready(Ok(refusal.take().expect(DONE)))
+            }
+            InFlightStateProjection::Admitted { inner, held } => {
+                let Ok(response) = ready!(inner.poll(cx));
+                let (permit, open) = held.take().expect(DONE);
+                Poll::Ready(Ok(response.map(|body| PermitBody {
+                    inner: body,
+                    _permit: permit,
+                    _open: open,
+                })))
+            }
         }
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| PermitBody {
-                inner: body,
-                _permit: permit,
-                _open: open,
-            }))
-        })
     }
 }
 
@@ -342,6 +386,34 @@ mod tests {
         let started = tokio::time::Instant::now();
         open.idle_for(Duration::from_secs(3)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn a_permit_is_held_until_the_response_body_is_done_and_admin_paths_are_exempt() {
+        use tower::ServiceExt;
+        let permits = Arc::new(Semaphore::new(1));
+        let open = OpenRequests::default();
+        let answer = tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(ProxyBody::local("streaming")))
+        });
+        let limited = InFlightLimitLayer::new(permits.clone(), open.clone()).layer(answer);
+        let get = |path: &str| Request::get(path).body(()).unwrap();
+
+        let first = limited.clone().oneshot(get("/2.0/user")).await.unwrap();
+        assert_eq!(first.status(), http::StatusCode::OK);
+        assert_eq!(permits.available_permits(), 0);
+        assert_eq!(open.0.count.load(Ordering::Acquire), 1);
+
+        let refused = limited.clone().oneshot(get("/2.0/user")).await.unwrap();
+        assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        let health = limited.clone().oneshot(get("/-/health")).await.unwrap();
+        assert_eq!(health.status(), http::StatusCode::OK);
+        drop((refused, health));
+        assert_eq!(open.0.count.load(Ordering::Acquire), 1);
+
+        drop(first);
+        assert_eq!(permits.available_permits(), 1);
+        assert_eq!(open.0.count.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test(start_paused = true)]

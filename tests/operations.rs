@@ -878,6 +878,52 @@ async fn admin_endpoints_answer_with_the_documented_content() {
     proxy.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A client that leaves while the upstream has not answered is no longer in flight, and its
+/// request is counted (as 4xx: logged as 499, "client closed request").
+#[tokio::test]
+async fn a_client_leaving_before_the_response_head_is_not_left_in_flight() {
+    let pki = TestPki::new();
+    let api = TlsThenHang::start(pki.server_config());
+    let dir = Dir::new(&pki);
+    dir.write("secrets/token", &format!("{OLD_TOKEN}\n"));
+    let proxy = start(&dir.write_config(&widgets_config(&api.base_url()))).await;
+    let addr = proxy.local_addrs()[0];
+
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::AsyncWriteExt as _;
+    client
+        .write_all(b"GET /2.0/repositories/acme/widgets HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async {
+        let in_flight = sample(
+            &metrics(addr).await,
+            "bitbucket_auth_proxy_in_flight_requests",
+        )
+        .map(str::to_owned);
+        // The metrics request itself is one.
+        (in_flight.as_deref() == Some("2"))
+            .then_some(())
+            .ok_or(format!("{in_flight:?}"))
+    })
+    .await;
+    drop(client);
+
+    let closed = r#"bitbucket_auth_proxy_requests_total{route="",credential="",method="GET",status_class="4xx"}"#;
+    eventually(Duration::from_secs(5), || async {
+        let text = metrics(addr).await;
+        let in_flight = sample(&text, "bitbucket_auth_proxy_in_flight_requests");
+        let counted = sample(&text, closed);
+        (in_flight == Some("1") && counted == Some("1"))
+            .then_some(())
+            .ok_or(format!(
+                "in flight {in_flight:?}, counted {counted:?}:\n{text}"
+            ))
+    })
+    .await;
+    assert_drains(proxy).await;
+}
+
 #[test]
 fn a_route_under_the_admin_prefix_is_rejected() {
     for prefix in ["/-/x", "/-"] {
