@@ -251,14 +251,14 @@ pub fn rewrite(
     parts.headers.remove(header::CONTENT_LENGTH);
     weaken_etag(&mut parts.headers);
     ProxyBody::Rewritten {
-        body: RewriteBody {
+        body: Box::pin(RewriteBody {
             inner: body,
             rewriter,
             decoder,
             pending: Bytes::new(),
             trailers: None,
             done: false,
-        },
+        }),
     }
 }
 
