@@ -59,6 +59,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// tokio's own override for the runtime's worker count, read here so that a bad value is an
+/// error message rather than tokio's panic.
+const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// The worker count `TOKIO_WORKER_THREADS` asks for; `None` (one per usable CPU) when unset.
+fn worker_threads(value: Option<std::ffi::OsString>) -> Result<Option<usize>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.to_str().map(|v| v.trim().parse::<usize>()) {
+        Some(Ok(workers)) if workers > 0 => Ok(Some(workers)),
+        _ => Err(format!(
+            "{WORKER_THREADS_ENV}={value:?}: expected a whole number of worker threads, 1 or more"
+        )),
+    }
+}
+
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|error| {
         report_config_error(&error);
@@ -123,10 +140,18 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = match worker_threads(std::env::var_os(WORKER_THREADS_ENV)) {
+        Ok(workers) => workers,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -188,6 +213,23 @@ impl ShutdownSignals {
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_accepts_a_positive_count_and_refuses_anything_else() {
+        assert_eq!(worker_threads(None), Ok(None));
+        assert_eq!(worker_threads(Some("1".into())), Ok(Some(1)));
+        assert_eq!(worker_threads(Some(" 4 ".into())), Ok(Some(4)));
+        for bad in ["0", "", "two", "-1", "1.5"] {
+            let error = worker_threads(Some(bad.into())).unwrap_err();
+            assert!(error.contains("TOKIO_WORKER_THREADS"), "{bad}: {error}");
+            assert!(error.contains("1 or more"), "{bad}: {error}");
         }
     }
 }

@@ -426,6 +426,41 @@ credential = "acme"
     }
 }
 
+#[test]
+fn a_bad_worker_thread_count_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "minimal.toml",
+        r#"[credentials.acme]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "not-a-real-token" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "acme"
+"#,
+    );
+    for bad in ["0", "two"] {
+        let (out, stdout, stderr) = output(
+            bin()
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .env("TOKIO_WORKER_THREADS", bad),
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stdout}{stderr}");
+        assert!(!stderr.contains("panicked"), "{bad}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{bad}: {stderr}");
+        assert!(
+            errors[0].contains("TOKIO_WORKER_THREADS") && errors[0].contains("1 or more"),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The shipped configs
 // ---------------------------------------------------------------------------
