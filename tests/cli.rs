@@ -392,22 +392,29 @@ credential = "acme-all"
     assert_no_secret("check stderr", &stderr);
 }
 
-#[test]
-fn missing_secret_env_var_gives_one_line_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
+/// One workspace token on one route, the token given as `token` (an inline TOML table).
+fn minimal_config(dir: &Path, token: &str) -> PathBuf {
+    write(
+        dir,
         "minimal.toml",
-        r#"[credentials.acme]
+        &format!(
+            r#"[credentials.acme]
 kind = "workspace_access_token"
 workspace = "acme"
-token = { env = "BBAP_CLI_SURELY_UNSET_TOKEN" }
+token = {token}
 
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "acme"
-"#,
-    );
+"#
+        ),
+    )
+}
+
+#[test]
+fn missing_secret_env_var_gives_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), r#"{ env = "BBAP_CLI_SURELY_UNSET_TOKEN" }"#);
     for command in ["check", "run"] {
         let (out, stdout, stderr) = output(
             bin()
@@ -429,19 +436,7 @@ credential = "acme"
 #[test]
 fn a_bad_worker_thread_count_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "minimal.toml",
-        r#"[credentials.acme]
-kind = "workspace_access_token"
-workspace = "acme"
-token = { value = "not-a-real-token" }
-
-[[routes]]
-prefix = "/2.0/repositories/acme"
-credential = "acme"
-"#,
-    );
+    let config = minimal_config(dir.path(), r#"{ value = "not-a-real-token" }"#);
     for bad in ["0", "two"] {
         let (out, stdout, stderr) = output(
             bin()
