@@ -150,44 +150,42 @@ const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
 
 impl PendingRecord {
     /// Dropping the returned record writes the access line and the request metrics.
-    fn abandon(self) -> AccessRecord {
+    fn into_record(
+        self,
+        status: StatusCode,
+        route: Option<MatchedRoute>,
+        reason: Option<String>,
+        outcome: Outcome,
+    ) -> AccessRecord {
         AccessRecord {
             metrics: self.metrics,
             started: self.started,
             method: self.method,
             uri: self.uri,
-            status: CLIENT_CLOSED,
-            route: None,
-            reason: None,
+            status,
+            route,
+            reason,
             bytes_in: self.bytes_in,
             bytes_out: 0,
-            outcome: Outcome::Incomplete,
+            outcome,
         }
     }
 
     fn complete<B: Body>(self, response: Response<B>) -> Response<LoggedBody<B>> {
         let (parts, body) = response.into_parts();
-        let record = AccessRecord {
-            metrics: self.metrics,
-            started: self.started,
-            method: self.method,
-            uri: self.uri,
-            status: parts.status,
-            route: parts.extensions.get::<MatchedRoute>().cloned(),
-            reason: parts
-                .headers
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            bytes_in: self.bytes_in,
-            bytes_out: 0,
-            // hyper never polls a body that is already at its end (HEAD, 304, local errors).
-            outcome: if body.is_end_stream() {
-                Outcome::Complete
-            } else {
-                Outcome::Incomplete
-            },
+        let route = parts.extensions.get::<MatchedRoute>().cloned();
+        let reason = parts
+            .headers
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // hyper never polls a body that is already at its end (HEAD, 304, local errors).
+        let outcome = if body.is_end_stream() {
+            Outcome::Complete
+        } else {
+            Outcome::Incomplete
         };
+        let record = self.into_record(parts.status, route, reason, outcome);
         Response::from_parts(
             parts,
             LoggedBody {
@@ -210,7 +208,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Still pending: the connection went before the response head did.
             if let Some(pending) = this.project().pending.take() {
-                drop(pending.abandon());
+                drop(pending.into_record(CLIENT_CLOSED, None, None, Outcome::Incomplete));
             }
         }
     }
