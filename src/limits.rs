@@ -151,23 +151,18 @@ where
             self.permits.clone().try_acquire_owned().ok()
         };
         let state = if permit.is_none() && !exempt {
-            let refusal = ProxyError::Overloaded
-                .into_response()
-                .map(|body| PermitBody {
-                    inner: body,
-                    _permit: None,
-                    _open: open,
-                });
             InFlightState::Refused {
-                refusal: Some(refusal),
+                refusal: Some(ProxyError::Overloaded.into_response()),
             }
         } else {
             InFlightState::Admitted {
                 inner: self.inner.call(request),
-                held: Some((permit, open)),
             }
         };
-        InFlightFuture { state }
+        InFlightFuture {
+            state,
+            held: Some((permit, open)),
+        }
     }
 }
 
@@ -176,19 +171,16 @@ pin_project! {
     pub struct InFlightFuture<F> {
         #[pin]
         state: InFlightState<F>,
+        // Handed to the response body, which holds them until it is done.
+        held: Option<(Option<OwnedSemaphorePermit>, OpenRequest)>,
     }
 }
 
 pin_project! {
     #[project = InFlightStateProjection]
     enum InFlightState<F> {
-        Refused { refusal: Option<Response<PermitBody>> },
-        Admitted {
-            #[pin]
-            inner: F,
-            // Handed to the response body, which holds them until it is done.
-            held: Option<(Option<OwnedSemaphorePermit>, OpenRequest)>,
-        },
+        Refused { refusal: Option<Response<ProxyBody>> },
+        Admitted { #[pin] inner: F },
     }
 }
 
@@ -200,20 +192,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         const DONE: &str = "InFlightFuture polled after it completed";
-        match self.project().state.project() {
-            InFlightStateProjection::Refused { refusal } => {
-                Poll::Ready(Ok(refusal.take().expect(DONE)))
-            }
-            InFlightStateProjection::Admitted { inner, held } => {
+        let this = self.project();
+        let response = match this.state.project() {
+            InFlightStateProjection::Refused { refusal } => refusal.take().expect(DONE),
+            InFlightStateProjection::Admitted { inner } => {
                 let Ok(response) = ready!(inner.poll(cx));
-                let (permit, open) = held.take().expect(DONE);
-                Poll::Ready(Ok(response.map(|body| PermitBody {
-                    inner: body,
-                    _permit: permit,
-                    _open: open,
-                })))
+                response
             }
-        }
+        };
+        let (permit, open) = this.held.take().expect(DONE);
+        Poll::Ready(Ok(response.map(|body| PermitBody {
+            inner: body,
+            _permit: permit,
+            _open: open,
+        })))
     }
 }
 
