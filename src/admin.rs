@@ -54,7 +54,8 @@ pub async fn serve(
 }
 
 /// Ready when a config is loaded, every file secret is still readable, no verified credential
-/// is refused by Bitbucket, and the proxy is not draining.
+/// is refused by Bitbucket, and the proxy is not draining. Also lists 429 cool-downs in
+/// progress and credentials Bitbucket reports near their limit.
 pub async fn readiness(
     state: &SharedState,
     generation: &Generation,
@@ -83,6 +84,19 @@ pub async fn readiness(
             problems.push(format!("credentials.{name}: {}", status.detail));
         }
     }
+    // A cool-down or NearLimit pacing is the proxy doing its job, not a fault: reported here
+    // for operators, without making the proxy unready (which would only move the load).
+    let mut cooldowns = std::collections::BTreeMap::new();
+    let mut near_limit = std::collections::BTreeMap::new();
+    for (name, budget) in &generation.budgets {
+        if let Some(cooldown) = budget.cooldown() {
+            cooldowns.insert(name.to_string(), cooldown);
+        }
+        let resources = budget.near_limit_resources();
+        if !resources.is_empty() {
+            near_limit.insert(name.to_string(), resources);
+        }
+    }
     let ready = problems.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
@@ -90,6 +104,8 @@ pub async fn readiness(
         "draining": state.is_draining(),
         "problems": problems,
         "credentials": verify,
+        "cooldowns": cooldowns,
+        "near_limit": near_limit,
     });
     let status = if ready {
         StatusCode::OK

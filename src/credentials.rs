@@ -171,11 +171,14 @@ pub struct Credential {
     auth: Authorization,
 }
 
-/// `rate_limit = { per_hour = N, burst = M }` on a credential.
+/// `rate_limit = { per_hour = N, burst = M, max_wait = "5s" }` on a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     pub per_hour: u32,
     pub burst: u32,
+    /// How long the governor may hold a request for a free slot before refusing it (zero:
+    /// refuse at once).
+    pub max_wait: std::time::Duration,
 }
 
 /// Where the `Authorization` header comes from.

@@ -60,13 +60,19 @@ pub enum ProxyError {
     Overloaded,
     #[error("{0}")]
     Token(#[from] crate::oauth::TokenError),
-    #[error(
-        "credential `{credential}` is at its rate_limit ({per_hour} per hour, bursts of {burst}); retry in {retry_after_s} s"
-    )]
+    #[error("credential `{credential}` {pace}; retry in {retry_after_s} s")]
     RateLimited {
         credential: String,
-        per_hour: u32,
-        burst: u32,
+        pace: crate::governor::Pace,
+        retry_after_s: u64,
+    },
+    /// Bitbucket answered 429 for this credential; its requests are held until the cool-down
+    /// ends. Its own variant so a cache may serve a stale entry instead.
+    #[error(
+        "Bitbucket answered 429 for credential `{credential}`; the proxy holds its requests until the cool-down ends; retry in {retry_after_s} s"
+    )]
+    CoolingDown {
+        credential: String,
         retry_after_s: u64,
     },
 }
@@ -82,7 +88,8 @@ impl ProxyError {
             | ProxyError::NoRoute
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::ClientBody(_)
-            | ProxyError::RateLimited { .. } => Fault::Client,
+            | ProxyError::RateLimited { .. }
+            | ProxyError::CoolingDown { .. } => Fault::Client,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamTimeout(_)
@@ -108,7 +115,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Token(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::CoolingDown { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -129,6 +138,7 @@ impl ProxyError {
             ProxyError::Overloaded => "overloaded",
             ProxyError::Token(_) => "token-endpoint",
             ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::CoolingDown { .. } => "cooling-down",
         }
     }
 
@@ -148,7 +158,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "Bitbucket did not answer in time",
             ProxyError::Overloaded => "Too many requests in flight",
             ProxyError::Token(_) => "Could not obtain an OAuth access token",
-            ProxyError::RateLimited { .. } => "Rate limit for this resource has been exceeded",
+            ProxyError::RateLimited { .. } | ProxyError::CoolingDown { .. } => {
+                "Rate limit for this resource has been exceeded"
+            }
         }
     }
 
@@ -169,7 +181,8 @@ impl ProxyError {
             } => {
                 headers.insert(header::ALLOW, allow);
             }
-            ProxyError::RateLimited { retry_after_s, .. } => {
+            ProxyError::RateLimited { retry_after_s, .. }
+            | ProxyError::CoolingDown { retry_after_s, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
             ProxyError::ConnectRefused => {

@@ -7,15 +7,27 @@
 //! Two rules apply together: never more than `per_hour` in any rolling hour (Bitbucket's own
 //! accounting), and a steady pace of `per_hour` per hour with bursts of up to `burst` (a generic
 //! cell-rate algorithm), so one job cannot spend the hour's budget in its first minute.
+//!
+//! What Bitbucket reports ([`crate::budget::reported`]) feeds in: a reported `X-RateLimit-Limit`
+//! replaces the configured `per_hour` (which was a guess), and `X-RateLimit-NearLimit` paces
+//! every credential, configured or not, to one request per `3600 / limit` seconds (no bursts)
+//! until Bitbucket stops reporting it, because that is the rate at which a rolling hour gives
+//! budget back. Admissions that never reach Bitbucket are [refunded](Governor::refund).
 
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::budget::reported::{Report, Reported};
 use crate::credentials::RateLimit;
 
 const WINDOW_SECONDS: u64 = 3600;
+
+/// The budget assumed when Bitbucket says NearLimit without a limit and none is configured:
+/// Bitbucket's documented default for `/2.0/repositories/*`.
+pub const DEFAULT_PER_HOUR: u32 = 1000;
 
 /// Requests sent per second over the last hour, in a ring of one-second buckets.
 struct Window {
@@ -25,71 +37,242 @@ struct Window {
     total: u64,
     /// The generic cell-rate algorithm's theoretical arrival time, in seconds since `epoch`.
     theoretical_arrival: f64,
+    /// The emission interval `theoretical_arrival` was computed with, and when it last moved.
+    interval: f64,
+    paced_at: f64,
+}
+
+struct State {
+    window: Window,
+    configured: Option<RateLimit>,
+    reported: Reported,
 }
 
 pub struct Governor {
     epoch: Instant,
-    window: Mutex<(Window, Option<RateLimit>)>,
+    state: Mutex<State>,
+}
+
+/// The rule that refused a request, for the error detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// The credential's `rate_limit`; `per_hour` is Bitbucket's figure when `reported`.
+    Limit {
+        per_hour: u32,
+        burst: u32,
+        reported: bool,
+    },
+    /// Bitbucket reported the credential near its limit of `per_hour`.
+    NearLimit { per_hour: u32 },
+}
+
+impl fmt::Display for Pace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Pace::Limit {
+                per_hour,
+                burst,
+                reported: false,
+            } => write!(
+                f,
+                "is at its rate_limit ({per_hour} per hour, bursts of {burst})"
+            ),
+            Pace::Limit {
+                per_hour, burst, ..
+            } => write!(
+                f,
+                "is at its rate_limit ({per_hour} per hour as Bitbucket reported it, bursts of {burst})"
+            ),
+            Pace::NearLimit { per_hour } => write!(
+                f,
+                "is near its limit of {per_hour} per hour (X-RateLimit-NearLimit), so requests are paced to one every {:.1} s",
+                WINDOW_SECONDS as f64 / f64::from(per_hour)
+            ),
+        }
+    }
+}
+
+/// One admitted request, until it is sent or refunded.
+#[derive(Debug)]
+pub struct Admission {
+    /// Requests admitted in the last hour, this one included.
+    pub sent: u64,
+    /// The hourly limit in force under `rate_limit` (Bitbucket's figure when it reported one).
+    pub limit: Option<u32>,
+    second: u64,
+    /// How far it moved the theoretical arrival time (0 when no pacing applied).
+    interval: f64,
+}
+
+/// Why and for how long a request cannot be admitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refusal {
+    pub wait: Duration,
+    pub pace: Pace,
+}
+
+/// The governor's view of a credential, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub sent: u64,
+    /// The limit in force: Bitbucket's latest figure, else `rate_limit.per_hour`.
+    pub limit: Option<u32>,
+    /// What Bitbucket's figures leave: `X-RateLimit-Remaining` if sent, else the reported
+    /// limit minus what the proxy sent in the hour.
+    pub reported_left: Option<u64>,
 }
 
 impl Governor {
     pub fn new(limit: Option<RateLimit>) -> Self {
         Governor {
             epoch: Instant::now(),
-            window: Mutex::new((
-                Window {
+            state: Mutex::new(State {
+                window: Window {
                     buckets: Box::new([0; WINDOW_SECONDS as usize]),
                     newest: 0,
                     total: 0,
                     theoretical_arrival: 0.0,
+                    interval: 0.0,
+                    paced_at: 0.0,
                 },
-                limit,
-            )),
+                configured: limit,
+                reported: Reported::default(),
+            }),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A reload may change the limit; the count of what was sent carries over.
     pub fn set_limit(&self, limit: Option<RateLimit>) {
-        self.window.lock().unwrap_or_else(|p| p.into_inner()).1 = limit;
+        self.lock().configured = limit;
     }
 
-    /// Admits one request now (returning how many went out in the last hour, this one
-    /// included), or says how long until one would be admitted.
-    pub fn try_acquire(&self, now: Instant) -> Result<u64, Duration> {
+    /// Admits one request now, or says how long until one would be admitted and by which rule.
+    pub fn try_acquire(&self, now: Instant) -> Result<Admission, Refusal> {
         let elapsed = now.saturating_duration_since(self.epoch).as_secs_f64();
         let second = elapsed as u64;
-        let mut guard = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let (window, limit) = &mut *guard;
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let window = &mut state.window;
         window.advance(second);
-        if let Some(limit) = *limit {
-            let per_hour = u64::from(limit.per_hour.max(1));
-            if window.total >= per_hour {
-                let leaves_at = window.second_when_count_drops_below(per_hour) as f64;
-                return Err(Duration::from_secs_f64((leaves_at - elapsed).max(0.0)));
+        let reported_limit = state.reported.limit(second);
+        let limit = state.configured.map(|configured| {
+            let per_hour = reported_limit.unwrap_or(configured.per_hour).max(1);
+            Pace::Limit {
+                per_hour,
+                burst: configured.burst.clamp(1, per_hour),
+                reported: reported_limit.is_some(),
             }
-            let interval = WINDOW_SECONDS as f64 / per_hour as f64;
-            let tolerance = f64::from(limit.burst.max(1) - 1) * interval;
+        });
+        if let Some(pace @ Pace::Limit { per_hour, .. }) = limit
+            && window.total >= u64::from(per_hour)
+        {
+            let leaves_at = window.second_when_count_drops_below(u64::from(per_hour)) as f64;
+            return Err(Refusal {
+                wait: Duration::from_secs_f64((leaves_at - elapsed).max(0.0)),
+                pace,
+            });
+        }
+        let near = state.reported.near_limit(second).map(|near_limit| {
+            let per_hour = match limit {
+                Some(Pace::Limit { per_hour, .. }) => per_hour,
+                _ => near_limit.or(reported_limit).unwrap_or(DEFAULT_PER_HOUR),
+            };
+            Pace::NearLimit {
+                per_hour: per_hour.max(1),
+            }
+        });
+        let mut interval = 0.0;
+        if let Some(pace) = near.or(limit) {
+            let (per_hour, burst) = match pace {
+                Pace::Limit {
+                    per_hour, burst, ..
+                } => (per_hour, burst),
+                Pace::NearLimit { per_hour } => (per_hour, 1),
+            };
+            interval = WINDOW_SECONDS as f64 / f64::from(per_hour);
+            window.rescale(interval);
+            let tolerance = f64::from(burst - 1) * interval;
             let arrival = window.theoretical_arrival.max(elapsed);
             if arrival - elapsed > tolerance {
-                return Err(Duration::from_secs_f64(arrival - elapsed - tolerance));
+                return Err(Refusal {
+                    wait: Duration::from_secs_f64(arrival - elapsed - tolerance),
+                    pace,
+                });
             }
             window.theoretical_arrival = arrival + interval;
+            window.paced_at = elapsed;
         }
         window.buckets[(second % WINDOW_SECONDS) as usize] += 1;
         window.total += 1;
-        Ok(window.total)
+        Ok(Admission {
+            sent: window.total,
+            limit: match limit {
+                Some(Pace::Limit { per_hour, .. }) => Some(per_hour),
+                _ => None,
+            },
+            second,
+            interval,
+        })
     }
 
-    /// Requests admitted in the last hour, and the limit if one is set.
-    pub fn usage(&self, now: Instant) -> (u64, Option<RateLimit>) {
+    /// Gives back an admission whose request never reached Bitbucket (served from a cache,
+    /// joined another request, refused later, or abandoned by its client).
+    pub fn refund(&self, admission: Admission) {
+        let mut state = self.lock();
+        let window = &mut state.window;
+        let slot = (admission.second % WINDOW_SECONDS) as usize;
+        if admission.second + WINDOW_SECONDS > window.newest && window.buckets[slot] > 0 {
+            window.buckets[slot] -= 1;
+            window.total -= 1;
+        }
+        window.theoretical_arrival = (window.theoretical_arrival - admission.interval).max(0.0);
+    }
+
+    /// Keeps what a Bitbucket response said about the budget.
+    pub fn record_report(&self, now: Instant, report: &Report) {
         let second = now.saturating_duration_since(self.epoch).as_secs();
-        let mut guard = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        guard.0.advance(second);
-        (guard.0.total, guard.1)
+        self.lock().reported.record(report, second);
+    }
+
+    pub fn usage(&self, now: Instant) -> Usage {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        let mut state = self.lock();
+        state.window.advance(second);
+        let sent = state.window.total;
+        let reported_limit = state.reported.limit(second);
+        Usage {
+            sent,
+            limit: reported_limit.or(state.configured.map(|c| c.per_hour)),
+            reported_left: state
+                .reported
+                .remaining(second)
+                .or_else(|| reported_limit.map(|limit| u64::from(limit).saturating_sub(sent))),
+        }
+    }
+
+    /// Resources Bitbucket reports near their limit, for `/-/ready`.
+    pub fn near_limit_resources(&self, now: Instant) -> Vec<String> {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        self.lock().reported.near_limit_resources(second)
     }
 }
 
 impl Window {
+    /// Keeps the debt of requests already paced when the interval changes (a reported limit
+    /// replaced the configured one, or NearLimit began): the same number of requests ahead,
+    /// spaced at the new interval.
+    fn rescale(&mut self, interval: f64) {
+        if self.interval > 0.0 && self.interval != interval {
+            let ahead = (self.theoretical_arrival - self.paced_at).max(0.0);
+            self.theoretical_arrival = self.paced_at + ahead * interval / self.interval;
+        }
+        self.interval = interval;
+    }
+
     /// Forgets the buckets that fell out of the hour ending at `second`.
     fn advance(&mut self, second: u64) {
         if second <= self.newest {
@@ -128,28 +311,39 @@ mod tests {
         governor.epoch + Duration::from_secs_f64(seconds)
     }
 
+    fn limit(per_hour: u32, burst: u32) -> Option<RateLimit> {
+        Some(RateLimit {
+            per_hour,
+            burst,
+            max_wait: Duration::ZERO,
+        })
+    }
+
+    fn report(limit: Option<u32>, near_limit: Option<bool>) -> Report {
+        Report {
+            resource: "api".into(),
+            limit,
+            remaining: None,
+            near_limit,
+        }
+    }
+
     #[test]
     fn bursts_then_paces() {
         // 3600/h is one per second; bursts of 5.
-        let governor = Governor::new(Some(RateLimit {
-            per_hour: 3600,
-            burst: 5,
-        }));
+        let governor = Governor::new(limit(3600, 5));
         for _ in 0..5 {
             assert!(governor.try_acquire(at(&governor, 0.0)).is_ok());
         }
-        let wait = governor.try_acquire(at(&governor, 0.0)).unwrap_err();
-        assert_eq!(wait, Duration::from_secs(1));
+        let refusal = governor.try_acquire(at(&governor, 0.0)).unwrap_err();
+        assert_eq!(refusal.wait, Duration::from_secs(1));
         assert!(governor.try_acquire(at(&governor, 1.0)).is_ok());
         assert!(governor.try_acquire(at(&governor, 1.0)).is_err());
     }
 
     #[test]
     fn never_more_than_per_hour_in_a_rolling_hour() {
-        let governor = Governor::new(Some(RateLimit {
-            per_hour: 10,
-            burst: 10,
-        }));
+        let governor = Governor::new(limit(10, 10));
         for i in 0..10 {
             assert!(
                 governor
@@ -158,11 +352,19 @@ mod tests {
             );
         }
         // The first went out at 0 s: the window frees a slot at 3600 s.
-        let wait = governor.try_acquire(at(&governor, 400.0)).unwrap_err();
-        assert_eq!(wait, Duration::from_secs(3200));
+        let refusal = governor.try_acquire(at(&governor, 400.0)).unwrap_err();
+        assert_eq!(refusal.wait, Duration::from_secs(3200));
+        assert_eq!(
+            refusal.pace,
+            Pace::Limit {
+                per_hour: 10,
+                burst: 10,
+                reported: false
+            }
+        );
         assert!(governor.try_acquire(at(&governor, 3600.0)).is_ok());
-        assert_eq!(governor.usage(at(&governor, 3600.0)).0, 10);
-        assert_eq!(governor.usage(at(&governor, 7300.0)).0, 0);
+        assert_eq!(governor.usage(at(&governor, 3600.0)).sent, 10);
+        assert_eq!(governor.usage(at(&governor, 7300.0)).sent, 0);
     }
 
     #[test]
@@ -171,6 +373,84 @@ mod tests {
         for _ in 0..10_000 {
             assert!(governor.try_acquire(at(&governor, 5.0)).is_ok());
         }
-        assert_eq!(governor.usage(at(&governor, 5.0)), (10_000, None));
+        let usage = governor.usage(at(&governor, 5.0));
+        assert_eq!(
+            (usage.sent, usage.limit, usage.reported_left),
+            (10_000, None, None)
+        );
+    }
+
+    #[test]
+    fn a_reported_limit_replaces_the_configured_guess() {
+        let governor = Governor::new(limit(2, 2));
+        governor.try_acquire(at(&governor, 0.0)).unwrap();
+        governor.try_acquire(at(&governor, 0.0)).unwrap();
+        assert!(governor.try_acquire(at(&governor, 0.0)).is_err());
+        // Bitbucket says this token is scaled to 10,000 per hour: the guess of 2 is gone, the
+        // burst of 2 stays.
+        governor.record_report(at(&governor, 0.0), &report(Some(10_000), Some(false)));
+        let admitted = governor.try_acquire(at(&governor, 2.0)).unwrap();
+        assert_eq!(admitted.sent, 3);
+        assert_eq!(admitted.limit, Some(10_000));
+        let usage = governor.usage(at(&governor, 2.0));
+        assert_eq!(usage.limit, Some(10_000));
+        assert_eq!(usage.reported_left, Some(9_997));
+        // A smaller figure tightens it as well.
+        governor.record_report(at(&governor, 2.0), &report(Some(3), None));
+        let refusal = governor.try_acquire(at(&governor, 30.0)).unwrap_err();
+        assert_eq!(
+            refusal.pace,
+            Pace::Limit {
+                per_hour: 3,
+                burst: 2,
+                reported: true
+            }
+        );
+    }
+
+    #[test]
+    fn near_limit_paces_even_without_a_configured_limit() {
+        let governor = Governor::new(None);
+        for _ in 0..100 {
+            governor.try_acquire(at(&governor, 0.0)).unwrap();
+        }
+        governor.record_report(at(&governor, 0.0), &report(Some(1_800), Some(true)));
+        // One every 2 s, no bursts.
+        governor.try_acquire(at(&governor, 0.0)).unwrap();
+        let refusal = governor.try_acquire(at(&governor, 0.5)).unwrap_err();
+        assert_eq!(refusal.wait, Duration::from_secs_f64(1.5));
+        assert_eq!(refusal.pace, Pace::NearLimit { per_hour: 1_800 });
+        assert!(refusal.pace.to_string().contains("one every 2.0 s"));
+        governor.try_acquire(at(&governor, 2.0)).unwrap();
+        // Bitbucket no longer says so: back to counting only.
+        governor.record_report(at(&governor, 2.0), &report(None, Some(false)));
+        for _ in 0..10 {
+            governor.try_acquire(at(&governor, 2.0)).unwrap();
+        }
+    }
+
+    #[test]
+    fn near_limit_without_any_figure_assumes_bitbuckets_default() {
+        let governor = Governor::new(None);
+        governor.record_report(at(&governor, 0.0), &report(None, Some(true)));
+        governor.try_acquire(at(&governor, 0.0)).unwrap();
+        let refusal = governor.try_acquire(at(&governor, 0.0)).unwrap_err();
+        assert_eq!(
+            refusal.pace,
+            Pace::NearLimit {
+                per_hour: DEFAULT_PER_HOUR
+            }
+        );
+        assert_eq!(refusal.wait, Duration::from_secs_f64(3.6));
+    }
+
+    #[test]
+    fn a_refund_gives_the_slot_back() {
+        let governor = Governor::new(limit(3600, 1));
+        let admitted = governor.try_acquire(at(&governor, 0.0)).unwrap();
+        assert!(governor.try_acquire(at(&governor, 0.0)).is_err());
+        governor.refund(admitted);
+        assert_eq!(governor.usage(at(&governor, 0.0)).sent, 0);
+        assert_eq!(governor.try_acquire(at(&governor, 0.0)).unwrap().sent, 1);
     }
 }

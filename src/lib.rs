@@ -2,11 +2,12 @@
 //! from unauthenticated local clients and forwards them over TLS.
 //!
 //! The request path, in order: [`proxy::admit`] → [`proxy::route`] → [`proxy::authorize_method`]
-//! → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
+//! → [`proxy::govern`] → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
 //! [`telemetry::AccessLogLayer`].
 
 pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod credentials;

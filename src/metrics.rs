@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, Method, StatusCode};
+use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -79,6 +79,8 @@ pub struct Metrics {
     pub ratelimit_local_sent: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_remaining: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_refused: Family<CredentialLabels, Counter>,
+    /// Issue 15's per-credential budget metrics.
+    pub budget: crate::budget::metrics::BudgetMetrics,
     /// The empty route and credential label of requests no route took (admin paths, 404s),
     /// allocated once rather than per request.
     no_route: Arc<str>,
@@ -110,8 +112,10 @@ impl Metrics {
             ratelimit_local_sent: Family::default(),
             ratelimit_local_remaining: Family::default(),
             ratelimit_local_refused: Family::default(),
+            budget: crate::budget::metrics::BudgetMetrics::default(),
             registry: Registry::with_prefix("bitbucket_auth_proxy"),
         };
+        metrics.budget = crate::budget::metrics::BudgetMetrics::register(&mut metrics.registry);
         metrics.registry.register(
             "requests",
             "Requests by route, credential, method and status class",
@@ -189,7 +193,7 @@ impl Metrics {
         );
         metrics.registry.register(
             "ratelimit_local_refused",
-            "Requests refused locally with 429 by the credential's rate_limit",
+            "Requests refused locally with 429 by the governor (rate_limit or NearLimit pacing)",
             metrics.ratelimit_local_refused.clone(),
         );
         let build_info: Family<BuildLabels, Gauge> = Family::default();
@@ -238,37 +242,6 @@ impl Metrics {
             self.bytes_out
                 .get_or_create(&labels)
                 .inc_by(request.bytes_out);
-        }
-    }
-
-    /// Keeps the last `X-RateLimit-*` values Bitbucket sent for a credential.
-    pub fn record_rate_limit(&self, credential: &Arc<str>, headers: &HeaderMap) {
-        // Named once: looking a header up by `&str` parses the name on every response.
-        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-        const NEAR_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-nearlimit");
-        let number = |name: &HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<i64>().ok())
-        };
-        let labels = || CredentialLabels {
-            credential: credential.clone(),
-        };
-        if let Some(limit) = number(&LIMIT) {
-            self.ratelimit_limit.get_or_create(&labels()).set(limit);
-        }
-        if let Some(remaining) = number(&REMAINING) {
-            self.ratelimit_remaining
-                .get_or_create(&labels())
-                .set(remaining);
-        }
-        if let Some(near) = headers.get(&NEAR_LIMIT).and_then(|v| v.to_str().ok()) {
-            let near = near.trim().eq_ignore_ascii_case("true") || near.trim() == "1";
-            self.ratelimit_near_limit
-                .get_or_create(&labels())
-                .set(i64::from(near));
         }
     }
 }
@@ -323,10 +296,14 @@ mod tests {
             bytes_in: 0,
             bytes_out: 12,
         });
-        let mut headers = HeaderMap::new();
-        headers.insert("x-ratelimit-limit", "1000".parse().unwrap());
-        headers.insert("x-ratelimit-nearlimit", "false".parse().unwrap());
-        metrics.record_rate_limit(&credential, &headers);
+        crate::budget::metrics::CredentialMetrics::new(&metrics, &credential).reported(
+            &crate::budget::reported::Report {
+                limit: Some(1000),
+                near_limit: Some(false),
+                ..Default::default()
+            },
+            None,
+        );
         let text = metrics.encode();
         assert!(text.contains(
             r#"bitbucket_auth_proxy_requests_total{route="/2.0/repositories/acme",credential="acme-all",method="OTHER",status_class="4xx"} 1"#

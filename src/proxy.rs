@@ -5,7 +5,9 @@
 //! 2. [`check_target`] and [`route`] — a path on this server, safe, matching a route; paths
 //!    under `/-/` are the proxy's own endpoints and go to [`crate::admin`] instead.
 //! 3. [`authorize_method`] — the route's `methods` list, before any body byte is read.
-//!    [`govern`] — the credential's `rate_limit`, answered locally with 429 when spent.
+//!    [`govern`] — the credential's budget: a 429 cool-down, `rate_limit`, NearLimit pacing;
+//!    answered locally with 429 when spent. Returns a permit that is spent when the request is
+//!    forwarded and refunds the budget if dropped (a request answered without going upstream).
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
 //! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
 //! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
@@ -26,10 +28,11 @@ use hyper::body::Incoming;
 
 use crate::admin;
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
+use crate::budget::BudgetPermit;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{CredentialLabels, KindLabels, RouteLabels};
+use crate::metrics::{KindLabels, RouteLabels};
 use crate::rewrite;
 use crate::routing::Route;
 use crate::state::{Generation, SharedState};
@@ -126,7 +129,7 @@ async fn run_phases(
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
-    govern(state, generation, &route)?;
+    let permit = govern(generation, &route).await?;
     let client_host = client_origin_host(&request);
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
@@ -136,6 +139,7 @@ async fn run_phases(
     let upstream_request = inject_credential(config, &route, authorization.clone(), request)?;
     let replay = Replay::of(&upstream_request);
     let started = Instant::now();
+    let attempt = permit.map(BudgetPermit::spend);
     let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
     // A 401 for an OAuth token the proxy believed valid: renew once and resend, if the
     // request can be sent again unchanged.
@@ -154,7 +158,10 @@ async fn run_phases(
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
     let response = forwarded?;
-    record_upstream(state, &route, started, &response);
+    record_upstream(state, &route, started);
+    if let Some(attempt) = attempt {
+        attempt.answered(response.status(), response.headers());
+    }
     Ok(rewrite_response(
         generation,
         &route,
@@ -259,57 +266,27 @@ pub fn authorize_method(route: &Route, method: &Method) -> Result<(), ProxyError
     }
 }
 
-/// Phase 3b: the credential's rate limit, counted here so a refused request costs no budget.
-pub fn govern(
-    state: &SharedState,
+/// Phase 3b: the credential's budget (see [`crate::budget`]): a 429 cool-down refuses with
+/// `cooling-down` (or makes this request its one probe), then the governor admits, delays up
+/// to `rate_limit.max_wait`, or refuses with `rate-limited`. Both answer 429 with `Retry-After`.
+///
+/// The permit must be [spent](BudgetPermit::spend) when the request is forwarded; a request
+/// answered without going upstream drops it, which gives the budget back. `None` only if the
+/// generation has no budget for the credential, which [`Generation`] rules out.
+pub async fn govern(
     generation: &Generation,
     route: &Route,
-) -> Result<(), ProxyError> {
+) -> Result<Option<BudgetPermit>, ProxyError> {
     let credential = &route.credential;
-    let Some(governor) = generation.governors.get(&credential.name) else {
-        return Ok(());
+    let Some(budget) = generation.budgets.get(&credential.name) else {
+        return Ok(None);
     };
-    let labels = CredentialLabels {
-        credential: credential.name.clone(),
-    };
-    match governor.try_acquire(tokio::time::Instant::now()) {
-        Ok(sent) => {
-            state
-                .metrics
-                .ratelimit_local_sent
-                .get_or_create(&labels)
-                .set(sent as i64);
-            if let Some(limit) = credential.rate_limit {
-                let remaining = i64::from(limit.per_hour) - sent as i64;
-                state
-                    .metrics
-                    .ratelimit_local_remaining
-                    .get_or_create(&labels)
-                    .set(remaining);
-            }
-            Ok(())
-        }
-        Err(wait) => {
-            state
-                .metrics
-                .ratelimit_local_refused
-                .get_or_create(&labels)
-                .inc();
-            let limit = credential
-                .rate_limit
-                .unwrap_or(crate::credentials::RateLimit {
-                    per_hour: 0,
-                    burst: 0,
-                });
-            Err(ProxyError::RateLimited {
-                credential: credential.name.to_string(),
-                per_hour: limit.per_hour,
-                burst: limit.burst,
-                // Rounded up: a client retrying on the second must not be refused again.
-                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-            })
-        }
-    }
+    let max_wait = credential
+        .rate_limit
+        .map_or(std::time::Duration::ZERO, |limit| limit.max_wait);
+    // Waiting for a probe is bounded by how long the probe itself may take to be answered.
+    let probe_wait = generation.config.upstream.timeout;
+    budget.acquire(max_wait, probe_wait).await.map(Some)
 }
 
 /// Phase 4: the upstream request. The URI is rebuilt from the upstream origin and the mapped
@@ -479,14 +456,9 @@ pub fn rewrite_response(
     Response::from_parts(parts, body)
 }
 
-/// Upstream latency and the last `X-RateLimit-*` values, for answers that arrived. Failures are
-/// counted in [`handle`], where every error ends up.
-fn record_upstream(
-    state: &SharedState,
-    route: &Route,
-    started: Instant,
-    response: &Response<Incoming>,
-) {
+/// Upstream latency, for answers that arrived (their `X-RateLimit-*` values go to the budget).
+/// Failures are counted in [`handle`], where every error ends up.
+fn record_upstream(state: &SharedState, route: &Route, started: Instant) {
     state
         .metrics
         .upstream_latency
@@ -495,9 +467,6 @@ fn record_upstream(
             credential: route.credential.name.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .record_rate_limit(&route.credential.name, response.headers());
 }
 
 fn log_error(error: &ProxyError) {

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::budget::CredentialBudget;
 use crate::config::Config;
-use crate::governor::Governor;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
 use crate::upstream::{UpstreamClient, build_client};
@@ -20,9 +20,9 @@ pub struct Generation {
     pub config: Arc<Config>,
     pub client: UpstreamClient,
     pub patterns: Arc<RewritePatterns>,
-    /// Each credential's governor, by name. Governors outlive generations: a reload keeps
-    /// counting what was sent in the last hour.
-    pub governors: HashMap<Arc<str>, Arc<Governor>>,
+    /// Each credential's request budget, by name. Budgets outlive generations: a reload keeps
+    /// counting what was sent in the last hour, and keeps a cool-down in progress.
+    pub budgets: HashMap<Arc<str>, Arc<CredentialBudget>>,
 }
 
 impl Generation {
@@ -30,7 +30,8 @@ impl Generation {
         number: u64,
         config: Config,
         previous: Option<&Generation>,
-        governors: &Mutex<HashMap<Arc<str>, Arc<Governor>>>,
+        budgets: &Mutex<HashMap<Arc<str>, Arc<CredentialBudget>>>,
+        metrics: &Metrics,
     ) -> Self {
         // Keep the connection pool across reloads unless the way upstream is reached changed.
         let client = match previous {
@@ -38,17 +39,23 @@ impl Generation {
             _ => build_client(&config.upstream),
         };
         let patterns = Arc::new(RewritePatterns::new(&config));
-        let mut all = governors.lock().unwrap_or_else(|p| p.into_inner());
-        let governors = config
+        let mut all = budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let budgets = config
             .credentials
             .iter()
             .map(|credential| {
-                let governor = all
+                let budget = all
                     .entry(credential.name.clone())
-                    .or_insert_with(|| Arc::new(Governor::new(credential.rate_limit)))
+                    .or_insert_with(|| {
+                        Arc::new(CredentialBudget::new(
+                            credential.name.clone(),
+                            credential.rate_limit,
+                            metrics,
+                        ))
+                    })
                     .clone();
-                governor.set_limit(credential.rate_limit);
-                (credential.name.clone(), governor)
+                budget.set_limit(credential.rate_limit);
+                (credential.name.clone(), budget)
             })
             .collect();
         Generation {
@@ -56,7 +63,7 @@ impl Generation {
             config: Arc::new(config),
             client,
             patterns,
-            governors,
+            budgets,
         }
     }
 }
@@ -67,20 +74,20 @@ pub struct SharedState {
     draining: AtomicBool,
     pub metrics: Arc<Metrics>,
     verify: Mutex<BTreeMap<Arc<str>, VerifyStatus>>,
-    governors: Mutex<HashMap<Arc<str>, Arc<Governor>>>,
+    budgets: Mutex<HashMap<Arc<str>, Arc<CredentialBudget>>>,
 }
 
 impl SharedState {
     pub fn new(config: Config) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.config_generation.set(1);
-        let governors = Mutex::new(HashMap::new());
+        let budgets = Mutex::new(HashMap::new());
         SharedState {
-            current: ArcSwap::from_pointee(Generation::new(1, config, None, &governors)),
+            current: ArcSwap::from_pointee(Generation::new(1, config, None, &budgets, &metrics)),
             draining: AtomicBool::new(false),
             metrics,
             verify: Mutex::new(BTreeMap::new()),
-            governors,
+            budgets,
         }
     }
 
@@ -95,7 +102,8 @@ impl SharedState {
             previous.number + 1,
             config,
             Some(&previous),
-            &self.governors,
+            &self.budgets,
+            &self.metrics,
         );
         let number = next.number;
         self.current.store(Arc::new(next));

@@ -115,24 +115,25 @@ impl CredentialSection {
         }
     }
 
-    pub fn rate_limit(&self) -> Option<RateLimitSection> {
+    pub fn rate_limit(&self) -> Option<&RateLimitSection> {
         match self {
             CredentialSection::RepositoryAccessToken { rate_limit, .. }
             | CredentialSection::ProjectAccessToken { rate_limit, .. }
             | CredentialSection::WorkspaceAccessToken { rate_limit, .. }
             | CredentialSection::ApiToken { rate_limit, .. }
             | CredentialSection::AppPassword { rate_limit, .. }
-            | CredentialSection::OauthClientCredentials { rate_limit, .. } => *rate_limit,
+            | CredentialSection::OauthClientCredentials { rate_limit, .. } => rate_limit.as_ref(),
         }
     }
 }
 
-/// `rate_limit = { per_hour = 1000, burst = 50 }`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// `rate_limit = { per_hour = 1000, burst = 50, max_wait = "5s" }`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSection {
     pub per_hour: u32,
     pub burst: Option<u32>,
+    pub max_wait: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -355,6 +355,18 @@ workspace = "acme"
 token = { value = "t" }
 rate_limit = { per_hour = 10, burst = 11 }
 
+[credentials.slow]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "t" }
+rate_limit = { per_hour = 10, max_wait = "2m" }
+
+[credentials.odd]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "t" }
+rate_limit = { per_hour = 10, max_wait = "soon" }
+
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "ws"
@@ -366,6 +378,8 @@ credential = "ws"
         "credentials.consumer.token_url: `http://bitbucket.org/site/oauth2/access_token` must use https://",
         "credentials.consumer.rate_limit.per_hour: must be at least 1",
         "credentials.ws.rate_limit.burst: must be between 1 and per_hour (10)",
+        "credentials.slow.rate_limit.max_wait: `2m` is not a duration between \"0s\" and \"1m\"",
+        "credentials.odd.rate_limit.max_wait: `soon` is not a duration",
     ];
     for expected in expect {
         assert!(
@@ -385,7 +399,7 @@ fn oauth_consumers_default_to_bitbuckets_token_endpoint() {
 kind = "oauth_client_credentials"
 client_id = "AbCdEf"
 client_secret = { value = "s" }
-rate_limit = { per_hour = 1000, burst = 50 }
+rate_limit = { per_hour = 1000, burst = 50, max_wait = "2s" }
 
 [[routes]]
 prefix = "/2.0"
@@ -400,7 +414,8 @@ credential = "consumer"
         credential.rate_limit,
         Some(crate::credentials::RateLimit {
             per_hour: 1000,
-            burst: 50
+            burst: 50,
+            max_wait: std::time::Duration::from_secs(2),
         })
     );
 }

@@ -579,7 +579,7 @@ fn parse_token_url(url: &str) -> Result<http::Uri, String> {
 fn rate_limit(
     issues: &mut Issues,
     key: &str,
-    section: super::file::RateLimitSection,
+    section: &super::file::RateLimitSection,
 ) -> Option<crate::credentials::RateLimit> {
     if section.per_hour == 0 {
         issues.error(
@@ -596,11 +596,32 @@ fn rate_limit(
         );
         return None;
     }
+    let max_wait = match section.max_wait.as_deref() {
+        None => Duration::ZERO,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(wait) if wait <= MAX_RATE_LIMIT_WAIT => wait,
+            _ => {
+                issues.error(
+                    format!("{key}.rate_limit.max_wait"),
+                    format!(
+                        "`{text}` is not a duration between \"0s\" and \"{}\" (valid: \"0s\", \"500ms\", \"10s\")",
+                        humantime::format_duration(MAX_RATE_LIMIT_WAIT)
+                    ),
+                );
+                return None;
+            }
+        },
+    };
     Some(crate::credentials::RateLimit {
         per_hour: section.per_hour,
         burst,
+        max_wait,
     })
 }
+
+/// The longest `rate_limit.max_wait`: a request held longer than this is better told to come
+/// back (clients and their own timeouts give up around a minute).
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 
 /// Requests a credential with `rate_limit` may send back to back when `burst` is not given.
 const DEFAULT_BURST: u32 = 10;

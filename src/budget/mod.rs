@@ -1,0 +1,228 @@
+//! One credential's request budget: the [governor](crate::governor) (rate_limit, Bitbucket's
+//! reported figures, NearLimit pacing), the [429 cool-down](cooldown), and their metrics, behind
+//! the two calls the request path makes:
+//!
+//! - [`CredentialBudget::acquire`] in the `govern` phase: passes, delays (bounded) or refuses a
+//!   request, and returns a [`BudgetPermit`]. Dropping the permit gives the budget back, so a
+//!   request answered without going upstream (cache hit, coalesced follower, a failed token
+//!   fetch, a client that left) costs nothing.
+//! - [`BudgetPermit::spend`] right before the request is forwarded, and
+//!   [`UpstreamAttempt::answered`] with Bitbucket's answer: its `X-RateLimit-*` headers and a
+//!   429 feed the governor and the cool-down.
+//!
+//! Budgets are per credential name and outlive config generations (see [`crate::state`]).
+//! Uses the governor, the metrics registry and the error type; nothing here knows routes.
+
+pub mod cooldown;
+pub mod metrics;
+pub mod reported;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode, header};
+use tokio::time::Instant;
+
+use crate::credentials::RateLimit;
+use crate::error::ProxyError;
+use crate::governor::{Admission, Governor};
+use cooldown::{Cooldown, CooldownStatus, Gate, ceil_seconds};
+use metrics::CredentialMetrics;
+use reported::Report;
+
+pub struct CredentialBudget {
+    name: Arc<str>,
+    governor: Governor,
+    cooldown: Cooldown,
+    metrics: CredentialMetrics,
+}
+
+impl CredentialBudget {
+    pub fn new(
+        name: Arc<str>,
+        limit: Option<RateLimit>,
+        metrics: &crate::metrics::Metrics,
+    ) -> Self {
+        CredentialBudget {
+            metrics: CredentialMetrics::new(metrics, &name),
+            name,
+            governor: Governor::new(limit),
+            cooldown: Cooldown::default(),
+        }
+    }
+
+    /// A reload may change `rate_limit`; counts, reports and a cool-down carry over.
+    pub fn set_limit(&self, limit: Option<RateLimit>) {
+        self.governor.set_limit(limit);
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The `govern` phase. A cool-down refuses (or, once over, makes this request its probe or
+    /// waits up to `probe_wait` for the probe's answer); then the governor admits, delays up to
+    /// `max_wait`, or refuses. Cancel-safe: dropping the future gives back what it took.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        max_wait: Duration,
+        probe_wait: Duration,
+    ) -> Result<BudgetPermit, ProxyError> {
+        let (gate, waited) = self.cooldown.enter(probe_wait).await;
+        if waited {
+            self.metrics.cooldown_waited.inc();
+        }
+        let mut permit = BudgetPermit {
+            budget: self.clone(),
+            admission: None,
+            probe: match gate {
+                Gate::Pass => false,
+                Gate::Probe => true,
+                Gate::Refuse(wait) => return Err(self.cooling_down(wait)),
+            },
+        };
+        let deadline = Instant::now() + max_wait;
+        let mut delayed = false;
+        let admission = loop {
+            let now = Instant::now();
+            match self.governor.try_acquire(now) {
+                Ok(admission) => break admission,
+                // Waiters are not queued: each retries when its slot should be free, and one
+                // that finds it taken waits again while its deadline allows.
+                Err(refusal) if now + refusal.wait <= deadline => {
+                    delayed = true;
+                    tokio::time::sleep(refusal.wait).await;
+                }
+                Err(refusal) => {
+                    self.metrics.refused.inc();
+                    return Err(ProxyError::RateLimited {
+                        credential: self.name.to_string(),
+                        pace: refusal.pace,
+                        retry_after_s: ceil_seconds(refusal.wait).max(1),
+                    });
+                }
+            }
+        };
+        self.metrics.admitted(admission.sent, admission.limit);
+        permit.admission = Some(admission);
+        if delayed {
+            self.metrics.delayed.inc();
+            // A 429 may have arrived while this request waited: it must not go out now.
+            if !permit.probe
+                && let Some(wait) = self.cooldown.remaining(Instant::now())
+            {
+                return Err(self.cooling_down(wait.max(Duration::from_secs(1))));
+            }
+        }
+        Ok(permit)
+    }
+
+    fn cooling_down(&self, wait: Duration) -> ProxyError {
+        self.metrics.cooldown_refused.inc();
+        ProxyError::CoolingDown {
+            credential: self.name.to_string(),
+            retry_after_s: ceil_seconds(wait).max(1),
+        }
+    }
+
+    /// The cool-down in progress, if any.
+    pub fn cooldown(&self) -> Option<CooldownStatus> {
+        self.cooldown.status(Instant::now())
+    }
+
+    /// Resources Bitbucket currently reports near their limit.
+    pub fn near_limit_resources(&self) -> Vec<String> {
+        self.governor.near_limit_resources(Instant::now())
+    }
+}
+
+/// A request's claim on its credential's budget, from `govern` until it is forwarded. Dropped
+/// unspent, it is given back: the slot to the governor, the probe role to the next request.
+#[must_use = "dropping the permit refunds the budget; spend() it when forwarding"]
+pub struct BudgetPermit {
+    budget: Arc<CredentialBudget>,
+    admission: Option<Admission>,
+    probe: bool,
+}
+
+impl BudgetPermit {
+    /// Whether this request is the one probing Bitbucket after a cool-down.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// The request is being sent upstream.
+    pub fn spend(mut self) -> UpstreamAttempt {
+        self.admission = None;
+        self.budget.metrics.upstream_requests.inc();
+        UpstreamAttempt {
+            budget: self.budget.clone(),
+            probe: std::mem::take(&mut self.probe),
+        }
+    }
+}
+
+impl Drop for BudgetPermit {
+    fn drop(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            self.budget.governor.refund(admission);
+        }
+        if self.probe {
+            self.budget.cooldown.release_probe(Instant::now());
+        }
+    }
+}
+
+/// A request sent upstream, until Bitbucket's answer is known. Dropped without an answer (the
+/// upstream failed, the client left), a probe hands its role on.
+#[must_use = "report the answer with answered()"]
+pub struct UpstreamAttempt {
+    budget: Arc<CredentialBudget>,
+    probe: bool,
+}
+
+impl UpstreamAttempt {
+    /// Bitbucket answered: keep its `X-RateLimit-*` figures, start a cool-down on 429, end one
+    /// if this was the probe and the answer is anything else.
+    pub fn answered(mut self, status: StatusCode, headers: &HeaderMap) {
+        let budget = &self.budget;
+        let now = Instant::now();
+        let probe = std::mem::take(&mut self.probe);
+        if let Some(report) = Report::parse(headers) {
+            budget.governor.record_report(now, &report);
+            let left = budget.governor.usage(now).reported_left;
+            budget.metrics.reported(&report, left);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            budget.metrics.spent();
+            let retry_after = headers
+                .get(header::RETRY_AFTER)
+                .and_then(|value| cooldown::parse_retry_after(value, SystemTime::now()));
+            if let Some(length) = budget.cooldown.on_too_many(now, retry_after, probe) {
+                budget.metrics.cooldowns.inc();
+                tracing::warn!(
+                    credential = &*budget.name,
+                    cooldown_s = ceil_seconds(length),
+                    from_retry_after = retry_after.is_some(),
+                    "Bitbucket answered 429: holding this credential's requests until the cool-down ends"
+                );
+            }
+        } else {
+            if probe {
+                tracing::info!(
+                    credential = &*budget.name,
+                    "Bitbucket answered the cool-down's probe: requests flow again"
+                );
+            }
+            budget.cooldown.on_answer(probe);
+        }
+    }
+}
+
+impl Drop for UpstreamAttempt {
+    fn drop(&mut self) {
+        if self.probe {
+            self.budget.cooldown.release_probe(Instant::now());
+        }
+    }
+}
