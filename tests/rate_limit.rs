@@ -13,8 +13,14 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use support::*;
 
-/// Bitbucket with a budget of `budget` requests, then its own 429.
-fn budgeted_upstream(pki: &TestPki, budget: usize) -> (MockUpstream, Arc<AtomicUsize>) {
+/// Bitbucket with a budget of `budget` requests, then its own 429. With `reports`, answers
+/// carry `X-RateLimit-Limit` (which replaces a configured `per_hour`, so tests of the configured
+/// limit alone leave it out).
+fn budgeted_upstream(
+    pki: &TestPki,
+    budget: usize,
+    reports: bool,
+) -> (MockUpstream, Arc<AtomicUsize>) {
     let served = Arc::new(AtomicUsize::new(0));
     let counter = served.clone();
     let mock = MockUpstream::start_simple(pki.server_config(), move |_| {
@@ -29,12 +35,11 @@ fn budgeted_upstream(pki: &TestPki, budget: usize) -> (MockUpstream, Arc<AtomicU
                 )))
                 .unwrap();
         }
-        Response::builder()
-            .header("x-ratelimit-limit", budget.to_string())
-            .header(
-                "x-ratelimit-nearlimit",
-                if n + 1 >= budget { "true" } else { "false" },
-            )
+        let mut response = Response::builder();
+        if reports {
+            response = response.header("x-ratelimit-limit", budget.to_string());
+        }
+        response
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap()
     });
@@ -77,7 +82,7 @@ credential = "acme-all"
 #[tokio::test]
 async fn without_a_local_limit_bitbuckets_own_429_passes_through_unchanged() {
     let pki = TestPki::new();
-    let (upstream, served) = budgeted_upstream(&pki, 3);
+    let (upstream, served) = budgeted_upstream(&pki, 3, true);
     let proxy = start_proxy(&pki, &upstream, "").await;
     let addr = proxy.local_addrs()[0];
     for _ in 0..3 {
@@ -97,6 +102,14 @@ async fn without_a_local_limit_bitbuckets_own_429_passes_through_unchanged() {
             .contains("Rate limit for this resource")
     );
     assert_eq!(served.load(Ordering::SeqCst), 4);
+    // That 429 started a cool-down: the next request is answered locally, with what is left of
+    // Bitbucket's Retry-After.
+    let held = get(addr, "/2.0/repositories/acme/widgets").await;
+    assert_eq!(held.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(held.headers()["x-bitbucket-auth-proxy"], "cooling-down");
+    let retry_after = held.headers()["retry-after"].to_str().unwrap().to_owned();
+    assert!(["1799", "1800"].contains(&retry_after.as_str()), "{retry_after}");
+    assert_eq!(served.load(Ordering::SeqCst), 4);
     // The last X-RateLimit-* values and the hour's count show in the metrics.
     let metrics = body_string(get(addr, "/-/metrics").await.into_body()).await;
     assert!(
@@ -112,7 +125,7 @@ async fn without_a_local_limit_bitbuckets_own_429_passes_through_unchanged() {
 #[tokio::test]
 async fn a_spent_local_budget_answers_429_with_retry_after_and_spares_bitbucket() {
     let pki = TestPki::new();
-    let (upstream, served) = budgeted_upstream(&pki, 100);
+    let (upstream, served) = budgeted_upstream(&pki, 100, false);
     let proxy = start_proxy(&pki, &upstream, "rate_limit = { per_hour = 3, burst = 3 }").await;
     let addr = proxy.local_addrs()[0];
     for _ in 0..3 {
@@ -165,7 +178,7 @@ async fn a_spent_local_budget_answers_429_with_retry_after_and_spares_bitbucket(
 #[tokio::test]
 async fn bursts_are_paced_to_the_hourly_rate() {
     let pki = TestPki::new();
-    let (upstream, _) = budgeted_upstream(&pki, 1000);
+    let (upstream, _) = budgeted_upstream(&pki, 1000, false);
     // 3600 per hour is one per second, after a burst of 2.
     let proxy = start_proxy(
         &pki,
