@@ -39,9 +39,7 @@ fn budgeted_upstream(
         if reports {
             response = response.header("x-ratelimit-limit", budget.to_string());
         }
-        response
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap()
+        response.body(Full::new(Bytes::from_static(b"{}"))).unwrap()
     });
     (mock, served)
 }
@@ -108,7 +106,10 @@ async fn without_a_local_limit_bitbuckets_own_429_passes_through_unchanged() {
     assert_eq!(held.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(held.headers()["x-bitbucket-auth-proxy"], "cooling-down");
     let retry_after = held.headers()["retry-after"].to_str().unwrap().to_owned();
-    assert!(["1799", "1800"].contains(&retry_after.as_str()), "{retry_after}");
+    assert!(
+        ["1799", "1800"].contains(&retry_after.as_str()),
+        "{retry_after}"
+    );
     assert_eq!(served.load(Ordering::SeqCst), 4);
     // The last X-RateLimit-* values and the hour's count show in the metrics.
     let metrics = body_string(get(addr, "/-/metrics").await.into_body()).await;
