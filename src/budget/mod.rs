@@ -226,3 +226,112 @@ impl Drop for UpstreamAttempt {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+    fn budget(per_hour: u32, burst: u32, max_wait: Duration) -> Arc<CredentialBudget> {
+        Arc::new(CredentialBudget::new(
+            Arc::from("ci"),
+            Some(RateLimit {
+                per_hour,
+                burst,
+                max_wait,
+            }),
+            &crate::metrics::Metrics::new(),
+        ))
+    }
+
+    fn too_many(retry_after: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, retry_after.parse().unwrap());
+        headers
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unspent_permit_gives_its_slot_back() {
+        let budget = budget(1, 1, Duration::ZERO);
+        let permit = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        drop(permit);
+        let spent = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        spent.spend().answered(StatusCode::OK, &HeaderMap::new());
+        assert!(matches!(
+            budget.acquire(Duration::ZERO, PROBE_WAIT).await,
+            Err(ProxyError::RateLimited { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_goes_nowhere_hands_its_role_to_a_waiter() {
+        let budget = budget(3600, 100, Duration::ZERO);
+        let first = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        first
+            .spend()
+            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("1"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        assert!(probe.is_probe());
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire(Duration::ZERO, PROBE_WAIT).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "waits for the probe's answer");
+        // Served without going upstream (a cache hit, say): the waiter probes instead.
+        drop(probe);
+        let next = waiter.await.unwrap().unwrap();
+        assert!(next.is_probe());
+        // Sent, but no answer came (upstream failure): the role moves on again.
+        drop(next.spend());
+        let again = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        assert!(again.is_probe());
+        again.spend().answered(StatusCode::OK, &HeaderMap::new());
+        let open = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        assert!(!open.is_probe());
+        assert!(budget.cooldown().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_delayed_into_a_cool_down_is_not_sent() {
+        let budget = budget(3600, 1, Duration::from_secs(2));
+        let first = budget
+            .acquire(Duration::from_secs(2), PROBE_WAIT)
+            .await
+            .unwrap()
+            .spend();
+        let delayed = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.acquire(Duration::from_secs(2), PROBE_WAIT).await })
+        };
+        tokio::task::yield_now().await;
+        first.answered(StatusCode::TOO_MANY_REQUESTS, &too_many("30"));
+        match delayed.await.unwrap() {
+            Err(ProxyError::CoolingDown { retry_after_s, .. }) => assert_eq!(retry_after_s, 29),
+            other => panic!("expected a cool-down refusal, got {:?}", other.map(|_| ())),
+        }
+        // Its slot was given back: the governor counts only the first request.
+        assert_eq!(budget.governor.usage(Instant::now()).sent, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_while_delayed_costs_nothing() {
+        let budget = budget(3600, 1, Duration::from_secs(5));
+        drop(
+            budget
+                .acquire(Duration::ZERO, PROBE_WAIT)
+                .await
+                .unwrap()
+                .spend(),
+        );
+        let waiting = budget.acquire(Duration::from_secs(5), PROBE_WAIT);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), waiting)
+                .await
+                .is_err()
+        );
+        assert_eq!(budget.governor.usage(Instant::now()).sent, 1);
+    }
+}
