@@ -94,20 +94,23 @@ impl Cooldown {
     /// Lets a request through, makes it the probe, or says how long to wait. While a probe is
     /// out, waits up to `probe_wait` for its answer; if none comes in time the request is
     /// refused for a second rather than sent alongside the probe.
+    /// The second value says whether the request waited for a probe.
     pub async fn enter(&self, probe_wait: Duration) -> (Gate, bool) {
+        // The common case takes one uncontended lock and no waiter registration.
+        if let Some(gate) = self.gate(Instant::now()) {
+            return (gate, false);
+        }
         let deadline = Instant::now() + probe_wait;
-        let mut waited = false;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             // Registered before the state is read, so an answer between the two is not missed.
             notified.as_mut().enable();
             if let Some(gate) = self.gate(Instant::now()) {
-                return (gate, waited);
+                return (gate, true);
             }
-            waited = true;
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return (Gate::Refuse(MIN_COOLDOWN), waited);
+                return (Gate::Refuse(MIN_COOLDOWN), true);
             }
         }
     }
@@ -126,8 +129,8 @@ impl Cooldown {
         }
     }
 
-    /// How long the cool-down in progress still lasts; zero when none is (or a probe is out,
-    /// which counts as in progress: `Some`).
+    /// How long the cool-down in progress still lasts: `None` when none is, zero while a probe
+    /// is out.
     pub fn remaining(&self, now: Instant) -> Option<Duration> {
         match self.lock().phase {
             Phase::Open => None,
