@@ -137,20 +137,15 @@ async fn run_phases(
     let replay = Replay::of(&upstream_request);
     let started = Instant::now();
     let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
-    // A 401 for an OAuth token the proxy believed valid: renew once and resend, if the
-    // request can be sent again unchanged.
+    // A 401 for an OAuth token the proxy believed valid: renew (at most once per token, see
+    // `crate::oauth`) and resend, if the request can be sent again unchanged.
     if let (Ok(response), Some(replay)) = (&forwarded, &replay)
         && response.status() == StatusCode::UNAUTHORIZED
         && credential.renews_tokens()
+        && let Some(renewed) = credential
+            .renew_refused(&authorization, route.upstream, &generation.client, timeout)
+            .await?
     {
-        tracing::info!(
-            credential = &*credential.name,
-            "Bitbucket refused the access token; renewing once"
-        );
-        credential.invalidate(&authorization);
-        let renewed = credential
-            .authorization(route.upstream, &generation.client, timeout)
-            .await?;
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
     let response = forwarded?;
@@ -180,7 +175,13 @@ pub fn admit(config: &Config, connection: &ConnectionInfo) -> Result<(), ProxyEr
     }
 }
 
-/// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT.
+/// Methods refused with 405 on every path, admin paths included, before routing: CONNECT
+/// (this is not a forward proxy), and TRACE and TRACK, which an upstream answers by echoing the
+/// request, `Authorization` included, back to the client.
+pub const REFUSED_METHODS: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
+
+/// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT,
+/// TRACE or TRACK.
 ///
 /// HTTP/2 requests always carry `:authority` (the equivalent of `Host`), so only HTTP/1
 /// absolute-form targets are checked; the proxy never connects to a client-chosen host anyway.
@@ -189,8 +190,14 @@ pub fn check_target<B>(
     connection: &ConnectionInfo,
     request: &Request<B>,
 ) -> Result<(), ProxyError> {
-    if request.method() == Method::CONNECT {
-        return Err(ProxyError::ConnectRefused);
+    // Method names are case-sensitive (RFC 9110 §9.1), but a front end that upper-cases them
+    // would turn `trace` into TRACE.
+    let method = request.method().as_str();
+    if REFUSED_METHODS
+        .iter()
+        .any(|refused| refused.eq_ignore_ascii_case(method))
+    {
+        return Err(ProxyError::MethodRefused(request.method().clone()));
     }
     // Two Host headers mean two readings of where the request goes: whichever one a later
     // phase picked, another hop could pick the other. HTTP/1.0 predates Host and h2 carries

@@ -544,7 +544,8 @@ fn credential(
             let token_url = match parse_token_url(url) {
                 Ok(uri) => Some(uri),
                 Err(why) => {
-                    issues.error(format!("{key}.token_url"), format!("`{url}` {why}"));
+                    let shown = crate::oauth::display_url(url);
+                    issues.error(format!("{key}.token_url"), format!("`{shown}` {why}"));
                     None
                 }
             };
