@@ -127,7 +127,7 @@ async fn run_phases(
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
     govern(state, generation, &route)?;
-    let client_host = client_origin_host(&request);
+    let client_host = client_origin_host(&request, connection);
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
     let authorization = credential
@@ -447,14 +447,25 @@ impl Replay {
     }
 }
 
-/// The `Host` the client used, for link rewriting when `server.public_url` is unset.
-fn client_origin_host<B>(request: &Request<B>) -> Option<HeaderValue> {
-    request.headers().get(header::HOST).cloned().or_else(|| {
-        request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+/// The `Host` the client used, for link rewriting when `server.public_url` is unset; for an
+/// HTTP/1.0 request without one, the local address the connection was accepted on, so links
+/// never keep pointing at the upstream.
+fn client_origin_host<B>(request: &Request<B>, connection: &ConnectionInfo) -> Option<HeaderValue> {
+    request
+        .headers()
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+        .or_else(|| {
+            connection
+                .local
+                .and_then(|local| HeaderValue::from_str(&local.to_string()).ok())
+        })
 }
 
 /// Phase 6: clean response headers, stream the body with an idle bound, and rewrite upstream
