@@ -208,3 +208,59 @@ async fn http10_without_host_gets_links_to_the_address_it_connected_to() {
         response.body
     );
 }
+
+/// `/-/ready` watches `{ file = }` secrets while the proxy runs: a file that became writable by
+/// others, grew past 64 KiB or went away makes it not ready, named by credential, not by path.
+#[tokio::test]
+async fn ready_names_the_credential_of_a_refused_secret_file_never_its_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new();
+    let mock = echo_mock(&pki);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("filed.token");
+    std::fs::write(&token, "filed-token-Vb31").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "{}\n[credentials.filed]\nkind = \"workspace_access_token\"\nworkspace = \"other\"\ntoken = {{ file = {} }}\n",
+        Setup::new(&mock.base_url(), pki.ca_path()).toml(),
+        toml_string(&token.display().to_string()),
+    );
+    let config = bitbucket_auth_proxy::Config::from_toml(&dir.path().join("proxy.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = bitbucket_auth_proxy::start(config).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    let ready = || async move {
+        let response = get(addr, "/-/ready").await;
+        (response.status(), body_string(response.into_body()).await)
+    };
+    assert_eq!(ready().await.0, StatusCode::OK);
+
+    let chmod = |mode| std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode));
+    let cases: [(&dyn Fn(), &str); 3] = [
+        (&|| chmod(0o620).unwrap(), "is writable by group or others"),
+        (
+            &|| {
+                chmod(0o600).unwrap();
+                std::fs::write(&token, "x".repeat(70_000)).unwrap();
+            },
+            "is larger than 64 KiB",
+        ),
+        (
+            &|| std::fs::remove_file(&token).unwrap(),
+            "is no longer readable",
+        ),
+    ];
+    let dir_text = dir.path().display().to_string();
+    for (change, expected) in cases {
+        change();
+        let (status, body) = ready().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body.contains(&format!(
+                "credentials.filed.token: the secret file {expected}"
+            )),
+            "{body}"
+        );
+        assert!(!body.contains(&dir_text), "{body}");
+    }
+}
