@@ -337,4 +337,33 @@ mod tests {
         );
         assert!(text.contains("bitbucket_auth_proxy_build_info"), "{text}");
     }
+
+    /// Rate-limit headers are Bitbucket's numbers, not the proxy's: any text, sign or size is
+    /// either recorded as sent or ignored, never a panic.
+    #[test]
+    fn hostile_rate_limit_headers_are_ignored_or_recorded_as_sent() {
+        let metrics = Metrics::new();
+        let credential: Arc<str> = Arc::from("acme-all");
+        for (limit, remaining) in [
+            ("18446744073709551616", "-9223372036854775808"),
+            ("9223372036854775807", "1e400"),
+            ("-1", " 12 "),
+            ("NaN", "0x10"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-ratelimit-limit", limit.parse().unwrap());
+            headers.insert("x-ratelimit-remaining", remaining.parse().unwrap());
+            headers.insert("x-ratelimit-nearlimit", "maybe".parse().unwrap());
+            metrics.record_rate_limit(&credential, &headers);
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"bitbucket_auth_proxy_ratelimit_limit{credential="acme-all"} -1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bitbucket_auth_proxy_ratelimit_remaining{credential="acme-all"} 12"#),
+            "{text}"
+        );
+    }
 }

@@ -196,6 +196,10 @@ fn parse_listen(spec: &str) -> Option<ListenAddr> {
     }
 }
 
+/// The longest duration a setting accepts: deadlines are computed as now + duration, and a
+/// duration of centuries would overflow the clock instead of meaning "never".
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(
     issues: &mut Issues,
     key: &str,
@@ -205,6 +209,13 @@ fn parse_duration(
     match value {
         None => default,
         Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d > MAX_DURATION => {
+                issues.error(
+                    key,
+                    format!("`{text}` is longer than the longest duration accepted, 365 days"),
+                );
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             _ => {
                 issues.error(
