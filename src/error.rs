@@ -30,7 +30,7 @@ pub enum ProxyError {
         "this is not a forward proxy: only paths on this server are served (got a request for {0})"
     )]
     ForeignTarget(String),
-    /// CONNECT, TRACE and TRACK, on every path: see [`crate::proxy::REFUSED_METHODS`].
+    /// CONNECT, TRACE and TRACK, on every path: see [`crate::config::REFUSED_METHODS`].
     #[error("{} is refused on every path: {}", .0, refused_method_why(.0))]
     MethodRefused(Method),
     #[error(
@@ -215,7 +215,7 @@ impl ProxyError {
     }
 }
 
-/// Why a method in [`crate::proxy::REFUSED_METHODS`] is refused.
+/// Why a method in [`crate::config::REFUSED_METHODS`] is refused.
 fn refused_method_why(method: &Method) -> &'static str {
     if method == Method::CONNECT {
         "this is not a forward proxy"

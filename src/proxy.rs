@@ -175,11 +175,6 @@ pub fn admit(config: &Config, connection: &ConnectionInfo) -> Result<(), ProxyEr
     }
 }
 
-/// Methods refused with 405 on every path, admin paths included, before routing: CONNECT
-/// (this is not a forward proxy), and TRACE and TRACK, which an upstream answers by echoing the
-/// request, `Authorization` included, back to the client.
-pub const REFUSED_METHODS: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
-
 /// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT,
 /// TRACE or TRACK.
 ///
@@ -193,7 +188,7 @@ pub fn check_target<B>(
     // Method names are case-sensitive (RFC 9110 §9.1), but a front end that upper-cases them
     // would turn `trace` into TRACE.
     let method = request.method().as_str();
-    if REFUSED_METHODS
+    if crate::config::REFUSED_METHODS
         .iter()
         .any(|refused| refused.eq_ignore_ascii_case(method))
     {

@@ -405,6 +405,24 @@ credential = "consumer"
     );
 }
 
+#[test]
+fn trace_and_track_cannot_be_allowed_on_a_route() {
+    for method in ["TRACE", "track", "CONNECT"] {
+        let text = VALID.replacen(
+            r#"methods = ["get", "HEAD"]"#,
+            &format!(r#"methods = ["GET", "{method}"]"#),
+            1,
+        );
+        let messages = messages(&text);
+        assert!(
+            messages.iter().any(|m| m.contains(&format!(
+                "routes[0].methods: `{method}` is not an HTTP method the proxy forwards"
+            ))),
+            "{messages:?}"
+        );
+    }
+}
+
 /// A duration of centuries overflowed `Instant + Duration` (a panic on the first request).
 #[test]
 fn durations_past_a_year_are_refused_not_overflowed() {

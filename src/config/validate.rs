@@ -749,7 +749,9 @@ fn routes(
             methods
                 .iter()
                 .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                    Ok(method) if method != Method::CONNECT => Some(method),
+                    Ok(method) if !super::REFUSED_METHODS.contains(&method.as_str()) => {
+                        Some(method)
+                    }
                     _ => {
                         issues.error(format!("{key}.methods"), format!("`{m}` is not an HTTP method the proxy forwards (valid: \"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\")"));
                         ok = false;
