@@ -425,6 +425,17 @@ async fn token_endpoint_bodies_are_never_copied() {
             format!(r#"{{"access_token":"{LEAKED_TOKEN}","expires_in":"{LEAKED_TOKEN}"}}"#),
             "`expires_in`",
         ),
+        // A token no header can carry used to panic building the header.
+        (
+            StatusCode::OK,
+            format!(r#"{{"access_token":"{LEAKED_TOKEN}\n","expires_in":7200}}"#),
+            "`access_token`",
+        ),
+        (
+            StatusCode::OK,
+            format!(r#"{{"access_token":{{"value":"{LEAKED_TOKEN}"}},"expires_in":7200}}"#),
+            "`access_token`",
+        ),
     ];
     for (status, body, expected) in cases {
         let (error, ready) = failure_texts((status, body)).await;
