@@ -8,7 +8,7 @@ use crate::body::ProxyBody;
 use crate::config::ADMIN_PREFIX;
 use crate::error::ProxyError;
 use crate::routing::segment_prefix_matches;
-use crate::secrets::SecretSource;
+use crate::secrets::{SecretSource, judge_secret_file};
 use crate::state::{Generation, SharedState};
 
 pub const HEALTH_PATH: &str = "/-/health";
@@ -53,9 +53,10 @@ pub async fn serve(
     }
 }
 
-/// Ready when a config is loaded, every file secret is still readable, no verified credential
-/// is refused by Bitbucket, and the proxy is not draining. Also lists 429 cool-downs in
-/// progress and credentials Bitbucket reports near their limit.
+/// Ready when a config is loaded, every file secret is still readable (and neither over 64 KiB
+/// nor writable by group or others), no verified credential is refused by Bitbucket, and the
+/// proxy is not draining. Also lists 429 cool-downs in progress and credentials Bitbucket
+/// reports near their limit.
 pub async fn readiness(
     state: &SharedState,
     generation: &Generation,
@@ -64,13 +65,16 @@ pub async fn readiness(
     if state.is_draining() {
         problems.push("draining: shutting down".to_owned());
     }
+    // Named by config key (the credential), never by path: `/-/ready` answers anyone allowed
+    // to reach the proxy, and a secret's location is none of their business.
     for (key, source) in &generation.config.secret_sources {
         if let SecretSource::File(path) = source {
-            let readable = tokio::fs::metadata(path)
-                .await
-                .is_ok_and(|m| m.is_file() && m.len() > 0);
-            if !readable {
-                problems.push(format!("{key}: {} is no longer readable", path.display()));
+            let problem = match tokio::fs::metadata(path).await {
+                Ok(metadata) => judge_secret_file(&metadata).err().map(|p| p.to_string()),
+                Err(_) => Some("is no longer readable".to_owned()),
+            };
+            if let Some(problem) = problem {
+                problems.push(format!("{key}: the secret file {problem}"));
             }
         }
     }

@@ -173,6 +173,14 @@ where
                 if let Some(progress) = this.progress {
                     progress.touch();
                 }
+                // Request trailers are dropped, not cleaned: they are headers that arrive after
+                // the credential is injected and after every header check, so an
+                // `authorization` trailer would reach an HTTP/2 upstream. Trailers end a body.
+                if *this.direction == Direction::Request
+                    && matches!(&frame, Some(Ok(frame)) if frame.is_trailers())
+                {
+                    return Poll::Ready(None);
+                }
                 if let (Some(Ok(frame)), Some(counter)) = (&frame, this.counter.as_ref())
                     && let Some(data) = frame.data_ref()
                 {

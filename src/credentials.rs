@@ -296,10 +296,20 @@ impl Credential {
         matches!(self.auth, Authorization::OAuth(_))
     }
 
-    /// Drops a token Bitbucket refused, so the next request gets a new one.
-    pub fn invalidate(&self, used: &HeaderValue) {
-        if let Authorization::OAuth(oauth) = &self.auth {
-            oauth.invalidate(used);
+    /// Bitbucket refused `used` with a 401: the header to resend with, if the request should
+    /// be (see [`OAuthClient::renew_refused`]); always `None` for static credentials.
+    pub async fn renew_refused(
+        &self,
+        used: &HeaderValue,
+        upstream: UpstreamKind,
+        client: &UpstreamClient,
+        timeout: Duration,
+    ) -> Result<Option<HeaderValue>, TokenError> {
+        match &self.auth {
+            Authorization::Static { .. } => Ok(None),
+            Authorization::OAuth(oauth) => {
+                oauth.renew_refused(used, upstream, client, timeout).await
+            }
         }
     }
 }

@@ -30,8 +30,9 @@ pub enum ProxyError {
         "this is not a forward proxy: only paths on this server are served (got a request for {0})"
     )]
     ForeignTarget(String),
-    #[error("CONNECT is not supported: this is not a forward proxy")]
-    ConnectRefused,
+    /// CONNECT, TRACE and TRACK, on every path: see [`crate::config::REFUSED_METHODS`].
+    #[error("{} is refused on every path: {}", .0, refused_method_why(.0))]
+    MethodRefused(Method),
     #[error(
         "the request has {0} Host headers; an HTTP/1.1 request needs exactly one (RFC 9112, section 3.2)"
     )]
@@ -83,7 +84,7 @@ impl ProxyError {
             ProxyError::ClientNotAllowed(_)
             | ProxyError::ForeignTarget(_)
             | ProxyError::HostHeaders(_)
-            | ProxyError::ConnectRefused
+            | ProxyError::MethodRefused(_)
             | ProxyError::BadPath(_)
             | ProxyError::NoRoute
             | ProxyError::MethodNotAllowed { .. }
@@ -106,7 +107,7 @@ impl ProxyError {
             | ProxyError::BadPath(_)
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
+            ProxyError::MethodRefused(_) | ProxyError::MethodNotAllowed { .. } => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => {
@@ -126,7 +127,7 @@ impl ProxyError {
         match self {
             ProxyError::ClientNotAllowed(_) => "client-not-allowed",
             ProxyError::ForeignTarget(_) | ProxyError::HostHeaders(_) => "bad-target",
-            ProxyError::ConnectRefused | ProxyError::MethodNotAllowed { .. } => {
+            ProxyError::MethodRefused(_) | ProxyError::MethodNotAllowed { .. } => {
                 "method-not-allowed"
             }
             ProxyError::BadPath(_) => "bad-path",
@@ -148,7 +149,7 @@ impl ProxyError {
             ProxyError::ClientNotAllowed(_) => "Client not allowed",
             ProxyError::ForeignTarget(_) => "Not a forward proxy",
             ProxyError::HostHeaders(_) => "Bad Host header",
-            ProxyError::ConnectRefused => "CONNECT is not supported",
+            ProxyError::MethodRefused(_) => "Method not supported",
             ProxyError::BadPath(_) => "Bad request path",
             ProxyError::NoRoute => "No route for this path",
             ProxyError::MethodNotAllowed { .. } => "Method not allowed",
@@ -185,7 +186,7 @@ impl ProxyError {
             | ProxyError::CoolingDown { retry_after_s, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
-            ProxyError::ConnectRefused => {
+            ProxyError::MethodRefused(_) => {
                 headers.insert(
                     header::ALLOW,
                     HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
@@ -224,6 +225,15 @@ impl ProxyError {
             return ProxyError::UpstreamTimeout(error_chain(&error));
         }
         ProxyError::UpstreamUnreachable(error_chain(&error))
+    }
+}
+
+/// Why a method in [`crate::config::REFUSED_METHODS`] is refused.
+fn refused_method_why(method: &Method) -> &'static str {
+    if method == Method::CONNECT {
+        "this is not a forward proxy"
+    } else {
+        "an upstream that echoes the request would hand the injected credential to the client"
     }
 }
 
@@ -315,7 +325,11 @@ mod tests {
                 400,
                 Fault::Client,
             ),
-            (ProxyError::ConnectRefused, 405, Fault::Client),
+            (
+                ProxyError::MethodRefused(Method::CONNECT),
+                405,
+                Fault::Client,
+            ),
             (ProxyError::UpstreamTls("x".into()), 502, Fault::Upstream),
             (
                 ProxyError::UpstreamUnreachable("x".into()),

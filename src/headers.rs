@@ -19,15 +19,27 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Client headers that must not reach Bitbucket: credentials the proxy replaces, the client's
 /// `Expect` (the proxy answers refusals before reading the body; hyper's client has no Expect
-/// logic), and forwarding headers that would reveal internal addresses.
-const CLIENT_ONLY: [HeaderName; 7] = [
+/// logic), forwarding headers that would reveal internal addresses, and the headers front ends
+/// act on: a method override would turn a GET the route allows into a DELETE it does not, a
+/// rewrite header would send the request to another path than the one routed, and a forwarded
+/// host, scheme, port or client address would be believed by a front end that trusts its peer.
+const CLIENT_ONLY: [HeaderName; 16] = [
     header::AUTHORIZATION,
     header::COOKIE,
     header::EXPECT,
     header::HOST,
     header::FORWARDED,
     HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
 ];
 
 /// Removes every header named on any `Connection` line, then the fixed hop-by-hop set.
@@ -116,6 +128,16 @@ mod tests {
             "host",
             "x-forwarded-for",
             "forwarded",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-real-ip",
+            "true-client-ip",
         ] {
             headers.insert(HeaderName::from_static(name), HeaderValue::from_static("v"));
         }
@@ -148,6 +170,9 @@ mod tests {
             Just("upgrade".to_owned()),
             Just("authorization".to_owned()),
             Just("cookie".to_owned()),
+            Just("x-http-method-override".to_owned()),
+            Just("x-original-url".to_owned()),
+            Just("true-client-ip".to_owned()),
             "[a-z][a-z0-9-]{0,12}",
         ]
     }

@@ -145,8 +145,8 @@ pub fn check_route(table: &RouteTable, path: &str) -> Result<(), String> {
 
 /// Headers that must never reach the upstream: hop-by-hop (RFC 9110 §7.6.1, plus the legacy
 /// `Keep-Alive`/`Proxy-Connection` and the proxy-auth pair), and client credentials, `Expect`,
-/// `Host` and forwarding headers.
-pub const NEVER_FORWARDED: [&str; 16] = [
+/// `Host`, forwarding headers, and the method-override and URL-rewrite headers front ends act on.
+pub const NEVER_FORWARDED: [&str; 25] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -162,7 +162,16 @@ pub const NEVER_FORWARDED: [&str; 16] = [
     "host",
     "forwarded",
     "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
     "x-real-ip",
+    "true-client-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// Every header name listed on any `Connection` line, read as bytes: a value with obs-text in

@@ -130,7 +130,7 @@ async fn run_phases(
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
     let permit = govern(generation, &route).await?;
-    let client_host = client_origin_host(&request);
+    let client_host = client_origin_host(&request, connection);
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
     let authorization = credential
@@ -141,20 +141,15 @@ async fn run_phases(
     let started = Instant::now();
     let attempt = permit.map(BudgetPermit::spend);
     let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
-    // A 401 for an OAuth token the proxy believed valid: renew once and resend, if the
-    // request can be sent again unchanged.
+    // A 401 for an OAuth token the proxy believed valid: renew (at most once per token, see
+    // `crate::oauth`) and resend, if the request can be sent again unchanged.
     if let (Ok(response), Some(replay)) = (&forwarded, &replay)
         && response.status() == StatusCode::UNAUTHORIZED
         && credential.renews_tokens()
+        && let Some(renewed) = credential
+            .renew_refused(&authorization, route.upstream, &generation.client, timeout)
+            .await?
     {
-        tracing::info!(
-            credential = &*credential.name,
-            "Bitbucket refused the access token; renewing once"
-        );
-        credential.invalidate(&authorization);
-        let renewed = credential
-            .authorization(route.upstream, &generation.client, timeout)
-            .await?;
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
     let response = forwarded?;
@@ -187,7 +182,8 @@ pub fn admit(config: &Config, connection: &ConnectionInfo) -> Result<(), ProxyEr
     }
 }
 
-/// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT.
+/// Phase 2a: origin-form targets only, or absolute-form naming this proxy itself; no CONNECT,
+/// TRACE or TRACK.
 ///
 /// HTTP/2 requests always carry `:authority` (the equivalent of `Host`), so only HTTP/1
 /// absolute-form targets are checked; the proxy never connects to a client-chosen host anyway.
@@ -196,8 +192,14 @@ pub fn check_target<B>(
     connection: &ConnectionInfo,
     request: &Request<B>,
 ) -> Result<(), ProxyError> {
-    if request.method() == Method::CONNECT {
-        return Err(ProxyError::ConnectRefused);
+    // Method names are case-sensitive (RFC 9110 §9.1), but a front end that upper-cases them
+    // would turn `trace` into TRACE.
+    let method = request.method().as_str();
+    if crate::config::REFUSED_METHODS
+        .iter()
+        .any(|refused| refused.eq_ignore_ascii_case(method))
+    {
+        return Err(ProxyError::MethodRefused(request.method().clone()));
     }
     // Two Host headers mean two readings of where the request goes: whichever one a later
     // phase picked, another hop could pick the other. HTTP/1.0 predates Host and h2 carries
@@ -417,14 +419,25 @@ impl Replay {
     }
 }
 
-/// The `Host` the client used, for link rewriting when `server.public_url` is unset.
-fn client_origin_host<B>(request: &Request<B>) -> Option<HeaderValue> {
-    request.headers().get(header::HOST).cloned().or_else(|| {
-        request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
+/// The `Host` the client used, for link rewriting when `server.public_url` is unset; for an
+/// HTTP/1.0 request without one, the local address the connection was accepted on, so links
+/// never keep pointing at the upstream.
+fn client_origin_host<B>(request: &Request<B>, connection: &ConnectionInfo) -> Option<HeaderValue> {
+    request
+        .headers()
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+        .or_else(|| {
+            connection
+                .local
+                .and_then(|local| HeaderValue::from_str(&local.to_string()).ok())
+        })
 }
 
 /// Phase 6: clean response headers, stream the body with an idle bound, and rewrite upstream

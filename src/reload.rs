@@ -2,12 +2,18 @@
 //! changes (their directories are watched, so Kubernetes' `..data` symlink swap is seen), the
 //! config is re-read and validated, then swapped in atomically. An invalid config leaves the
 //! running one in place.
+//!
+//! Those directories hold other files too, the proxy's own log among them. An event for a file
+//! the config does not depend on is dropped in the watcher's callback: it wakes nothing and logs
+//! nothing, so a log file written next to the config cannot feed the watcher its own lines.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::task::AbortHandle;
 
 use crate::config::{Config, ConfigError, ServerSettings};
@@ -38,6 +44,59 @@ pub struct ReloadHandle {
     reloading: Arc<tokio::sync::Mutex<()>>,
     /// The listener settings in force since start-up, which a reload cannot change.
     started_with: Arc<ServerSettings>,
+    /// The files whose events matter, read by the watcher's callback on notify's thread.
+    relevant: Arc<ArcSwap<RelevantFiles>>,
+}
+
+/// The files the config depends on, by the directory that is watched for them.
+#[derive(Default, PartialEq, Eq)]
+struct RelevantFiles(BTreeMap<PathBuf, BTreeSet<OsString>>);
+
+impl RelevantFiles {
+    fn of(files: &[PathBuf]) -> Self {
+        let mut by_directory: BTreeMap<PathBuf, BTreeSet<OsString>> = BTreeMap::new();
+        for file in files {
+            if let (Some(dir), Some(name)) = (watched_directory(file), file.file_name()) {
+                by_directory.entry(dir).or_default().insert(name.to_owned());
+            }
+        }
+        RelevantFiles(by_directory)
+    }
+
+    /// Whether an event may concern a file the config depends on. Besides the files
+    /// themselves: names starting with `..` (Kubernetes swaps a secret mount's `..data`
+    /// symlink), a watched directory itself, and events without paths (a queue overflow).
+    /// Costs a map lookup per path, without allocating.
+    fn concern(&self, event: &notify::Event) -> bool {
+        event.paths.is_empty()
+            || event.paths.iter().any(|path| {
+                if self.0.contains_key(path) {
+                    return true;
+                }
+                let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                    return true;
+                };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                self.0.get(dir).is_some_and(|names| {
+                    names.contains(name) || name.as_encoded_bytes().starts_with(b"..")
+                })
+            })
+    }
+}
+
+/// The directory watched for `file`: its parent, `.` for a bare file name.
+fn watched_directory(file: &Path) -> Option<PathBuf> {
+    file.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            d.to_owned()
+        }
+    })
 }
 
 /// The `[server]` keys that differ from the running listeners' and need a restart.
@@ -123,6 +182,7 @@ impl ReloadHandle {
             tasks: Arc::default(),
             reloading: Arc::default(),
             started_with,
+            relevant: Arc::default(),
         }
     }
 
@@ -210,9 +270,11 @@ impl ReloadHandle {
     /// Reloads on SIGHUP and whenever a file the config depends on changes.
     pub fn watch(&self) {
         let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
+        let relevant = self.relevant.clone();
         let on_event = move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event
                 && !matches!(event.kind, notify::EventKind::Access(_))
+                && relevant.load().concern(&event)
             {
                 // A full channel already means "reload pending".
                 let _ = tx.try_send(());
@@ -301,14 +363,13 @@ impl ReloadHandle {
         use notify::Watcher;
         let mut every_directory_watched = true;
         let generation = self.state.current();
-        for file in generation.config.watched_files() {
-            let Some(dir) = file.parent().map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d.to_owned()
-                }
-            }) else {
+        let files = generation.config.watched_files();
+        let relevant = RelevantFiles::of(&files);
+        if **self.relevant.load() != relevant {
+            self.relevant.store(Arc::new(relevant));
+        }
+        for file in files {
+            let Some(dir) = watched_directory(&file) else {
                 continue;
             };
             let warned = match watched.get(&dir) {
@@ -336,6 +397,41 @@ impl ReloadHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(paths: &[&str]) -> notify::Event {
+        let mut event = notify::Event::new(notify::EventKind::Any);
+        event.paths = paths.iter().map(PathBuf::from).collect();
+        event
+    }
+
+    #[test]
+    fn only_events_for_the_configs_files_concern_the_watcher() {
+        let relevant = RelevantFiles::of(&[
+            PathBuf::from("/etc/proxy/proxy.toml"),
+            PathBuf::from("/run/secrets/token"),
+            PathBuf::from("local.toml"),
+        ]);
+        for paths in [
+            &["/etc/proxy/proxy.toml"][..],
+            &["/etc/proxy/.proxy.toml.swp", "/etc/proxy/proxy.toml"],
+            &["/run/secrets/..data"],
+            &["/run/secrets/..2026_12_01_05_00_00.123"],
+            &["/run/secrets"],
+            &["./local.toml"],
+            &[],
+        ] {
+            assert!(relevant.concern(&event(paths)), "{paths:?}");
+        }
+        for paths in [
+            &["/etc/proxy/proxy.log"][..],
+            &["/etc/proxy/.proxy.toml.swp"],
+            &["/run/secrets/other-token"],
+            &["/var/log/proxy.toml"],
+            &["./proxy.log"],
+        ] {
+            assert!(!relevant.concern(&event(paths)), "{paths:?}");
+        }
+    }
 
     const CONFIG: &str = r#"
 [credentials.widgets-ci]

@@ -62,6 +62,8 @@ pub enum SecretError {
     EnvNotUnicode(String),
     #[error("cannot read {path}: {reason}")]
     FileUnreadable { path: PathBuf, reason: String },
+    #[error("{} {problem}", path.display())]
+    FileRefused { path: PathBuf, problem: FileProblem },
     #[error("{0} is empty")]
     Empty(SecretSource),
     #[error("{0} contains a control character (a secret must fit in an HTTP header)")]
@@ -124,23 +126,82 @@ impl SecretSpec {
     }
 }
 
+/// The most a `{ file = }` secret may weigh. Tokens are a few hundred bytes; anything larger is
+/// the wrong file (a log, a key store), which the proxy would otherwise send as a header.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Why a secret file is refused, judged from its metadata: at start-up, on reload, and by
+/// `/-/ready` while the proxy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FileProblem {
+    #[error("is not a regular file")]
+    NotAFile,
+    #[error("is empty")]
+    Empty,
+    #[error("is larger than 64 KiB ({0} bytes); a secret is a few hundred bytes")]
+    TooLarge(u64),
+    #[error(
+        "is writable by group or others (mode {0:03o}): whoever can write it chooses what the proxy sends as the credential; run chmod go-w on it"
+    )]
+    WritableByOthers(u32),
+}
+
+/// Checks a secret file's metadata (following symlinks, as Kubernetes secret mounts need).
+pub fn judge_secret_file(metadata: &std::fs::Metadata) -> Result<(), FileProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    if !metadata.is_file() {
+        return Err(FileProblem::NotAFile);
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(FileProblem::WritableByOthers(mode));
+    }
+    match metadata.len() {
+        0 => Err(FileProblem::Empty),
+        len if len > MAX_SECRET_FILE_BYTES => Err(FileProblem::TooLarge(len)),
+        _ => Ok(()),
+    }
+}
+
 fn read_secret_file(path: &Path) -> Result<String, SecretError> {
-    std::fs::read(path)
-        .map_err(|e| SecretError::FileUnreadable {
+    use std::io::Read;
+    let unreadable = |e: std::io::Error| SecretError::FileUnreadable {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    // Judged on the opened file, so a swap between the check and the read changes nothing.
+    let metadata = file.metadata().map_err(unreadable)?;
+    match judge_secret_file(&metadata) {
+        // An empty file gets the error of an empty secret, which says where it came from.
+        Ok(()) | Err(FileProblem::Empty) => {}
+        Err(problem) => {
+            return Err(SecretError::FileRefused {
+                path: path.to_owned(),
+                problem,
+            });
+        }
+    }
+    // Bounded even if the file grows after the check; wiped however the read ends.
+    // Sized from the metadata so that the buffer never reallocates, leaving unwiped copies.
+    let capacity = metadata.len().min(MAX_SECRET_FILE_BYTES) as usize + 1;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(SecretError::FileRefused {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })
-        .and_then(|bytes| {
-            String::from_utf8(bytes).map_err(|e| {
-                // The rejected bytes are secret material too.
-                let mut bytes = e.into_bytes();
-                zeroize::Zeroize::zeroize(&mut bytes);
-                SecretError::FileUnreadable {
-                    path: path.to_owned(),
-                    reason: "not valid UTF-8".into(),
-                }
-            })
-        })
+            problem: FileProblem::TooLarge(bytes.len() as u64),
+        });
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => Ok(text.to_owned()),
+        Err(_) => Err(SecretError::FileUnreadable {
+            path: path.to_owned(),
+            reason: "not valid UTF-8".into(),
+        }),
+    }
 }
 
 fn trim_one_newline(text: &str) -> &str {
@@ -242,6 +303,55 @@ mod tests {
         assert_eq!(spec.load().unwrap().expose(), "tok");
         let (_f, spec) = spec_file(b"tok\n\n");
         assert!(matches!(spec.load(), Err(SecretError::ControlCharacter(_))));
+    }
+
+    #[test]
+    fn large_and_group_or_world_writable_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let set_mode = |file: &tempfile::NamedTempFile, mode: u32| {
+            std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let (file, spec) = spec_file(&vec![b'a'; MAX_SECRET_FILE_BYTES as usize]);
+        set_mode(&file, 0o644);
+        assert_eq!(spec.load().unwrap().expose().len(), 64 * 1024);
+        let (_f, spec) = spec_file(&vec![b'a'; MAX_SECRET_FILE_BYTES as usize + 1]);
+        let error = spec.load().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SecretError::FileRefused {
+                    problem: FileProblem::TooLarge(65537),
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("larger than 64 KiB"), "{error}");
+        for mode in [0o620, 0o602, 0o666] {
+            let (file, spec) = spec_file(b"tok");
+            set_mode(&file, mode);
+            let error = spec.load().unwrap_err();
+            assert_eq!(
+                error,
+                SecretError::FileRefused {
+                    path: file.path().to_owned(),
+                    problem: FileProblem::WritableByOthers(mode)
+                }
+            );
+            assert!(error.to_string().contains("chmod go-w"), "{error}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SecretSpec {
+            file: Some(dir.path().to_owned()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            spec.load(),
+            Err(SecretError::FileRefused {
+                problem: FileProblem::NotAFile,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum LogFormat {
 
 /// The level used when `RUST_LOG` is unset.
 const DEFAULT_FILTER: &str = "info";
+/// The most notify, the file-watching crate, may log unless `RUST_LOG` names it.
+const NOTIFY_CAP: &str = "notify=debug";
 
 /// Installs the global subscriber: `RUST_LOG` filtering, text on a terminal, JSON otherwise.
 ///
@@ -34,8 +36,14 @@ const DEFAULT_FILTER: &str = "info";
 /// when full), so request threads never wait on the stderr pipe. Keep the returned guard alive
 /// until exit: dropping it flushes what is queued.
 pub fn init_logging(format: Option<LogFormat>) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    // notify logs every file event at trace. With the log written into a watched directory,
+    // each line would be an event, and each event a line: only a RUST_LOG that names notify
+    // gets its trace lines.
+    if !std::env::var("RUST_LOG").is_ok_and(|spec| spec.contains("notify")) {
+        filter = filter.add_directive(NOTIFY_CAP.parse().expect("a valid directive"));
+    }
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Text
     } else {

@@ -433,6 +433,34 @@ fn missing_secret_env_var_gives_one_line_naming_it() {
     }
 }
 
+/// Issue 13: a secret file anyone in the group can write, or one over 64 KiB, is refused.
+#[test]
+fn check_refuses_writable_and_oversized_secret_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), r#"{ file = "acme.token" }"#);
+    let token = write(dir.path(), "acme.token", WORKSPACE_TOKEN);
+    let chmod = |mode| std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode));
+    chmod(0o600).unwrap();
+    let (out, stdout, stderr) = output(bin().arg("check").arg("--config").arg(&config));
+    assert!(out.status.success(), "{stdout}{stderr}");
+
+    chmod(0o664).unwrap();
+    let (out, stdout, stderr) = output(bin().arg("check").arg("--config").arg(&config));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("credentials.acme.token") && stderr.contains("writable by group or others"),
+        "{stderr}"
+    );
+
+    chmod(0o600).unwrap();
+    std::fs::write(&token, "x".repeat(64 * 1024 + 1)).unwrap();
+    let (out, stdout, stderr) = output(bin().arg("check").arg("--config").arg(&config));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("larger than 64 KiB"), "{stderr}");
+    assert_no_secret("check", &stderr);
+}
+
 #[test]
 fn a_bad_worker_thread_count_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,10 +26,30 @@ struct TokenEndpoint {
 
 impl TokenEndpoint {
     fn start(pki: &TestPki, expires_in: u64, delay: Duration, status: StatusCode) -> TokenEndpoint {
+        TokenEndpoint::answering(pki, delay, move |n| {
+            let json = if status == StatusCode::OK {
+                format!(
+                    r#"{{"access_token":"token-{n}","expires_in":{expires_in},"token_type":"bearer","scopes":"repository"}}"#
+                )
+            } else {
+                r#"{"error":"invalid_client","error_description":"Invalid OAuth client credentials"}"#.to_owned()
+            };
+            (status, json)
+        })
+    }
+
+    /// A token endpoint whose `n`th answer (counted from 1) is `answer(n)`.
+    fn answering(
+        pki: &TestPki,
+        delay: Duration,
+        answer: impl Fn(usize) -> (StatusCode, String) + Send + Sync + 'static,
+    ) -> TokenEndpoint {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
+        let answer = Arc::new(answer);
         let mock = MockUpstream::start(pki.server_config(), move |head, body| {
             let counter = counter.clone();
+            let answer = answer.clone();
             async move {
                 let body = collect_body(body).await;
                 assert_eq!(head.method, Method::POST);
@@ -42,13 +62,7 @@ impl TokenEndpoint {
                 assert_eq!(head.header("authorization"), Some(expected.as_str()));
                 let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(delay).await;
-                let json = if status == StatusCode::OK {
-                    format!(
-                        r#"{{"access_token":"token-{n}","expires_in":{expires_in},"token_type":"bearer","scopes":"repository"}}"#
-                    )
-                } else {
-                    r#"{"error":"invalid_client","error_description":"Invalid OAuth client credentials"}"#.to_owned()
-                };
+                let (status, json) = answer(n);
                 Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
@@ -101,6 +115,18 @@ async fn start_proxy(
     api: &MockUpstream,
     tokens: &TokenEndpoint,
 ) -> bitbucket_auth_proxy::RunningProxy {
+    start_proxy_with(pki, api, tokens, "", "").await
+}
+
+/// [`start_proxy`] with `token_query` after the token URL's path and `extra` lines in the
+/// credential's table.
+async fn start_proxy_with(
+    pki: &TestPki,
+    api: &MockUpstream,
+    tokens: &TokenEndpoint,
+    token_query: &str,
+    extra: &str,
+) -> bitbucket_auth_proxy::RunningProxy {
     let text = format!(
         r#"
 [server]
@@ -116,7 +142,8 @@ timeout = "5s"
 kind = "oauth_client_credentials"
 client_id = "{CLIENT_ID}"
 client_secret = {{ value = "{CLIENT_SECRET}" }}
-token_url = "{tokens}/site/oauth2/access_token"
+token_url = "{tokens}/site/oauth2/access_token{token_query}"
+{extra}
 
 [[routes]]
 prefix = "/2.0/repositories/acme"
@@ -285,4 +312,159 @@ async fn token_endpoint_failures_are_502_naming_the_credential_never_the_secret(
         0,
         "nothing is sent without a credential"
     );
+}
+
+/// Issue 13: ten requests answered 401 whatever the token caused eleven token requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_renew_at_most_once_per_token_and_interval() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::from_millis(50), StatusCode::OK);
+    let api = api(&pki, Arc::new(AtomicUsize::new(usize::MAX)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    for _ in 0..5 {
+        let response = get(addr, "/2.0/repositories/acme/widgets").await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        requests.spawn(async move { get(addr, "/2.0/repositories/acme/widgets").await.status() });
+    }
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        tokens.calls(),
+        2,
+        "the first token, and one renewal for the first refusal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refusals_of_one_token_share_one_renewal() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, 3600, Duration::from_millis(200), StatusCode::OK);
+    let accept_from = Arc::new(AtomicUsize::new(1));
+    let api = api(&pki, accept_from.clone());
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    assert_eq!(
+        get(addr, "/2.0/repositories/acme/widgets").await.status(),
+        StatusCode::OK
+    );
+    accept_from.store(2, Ordering::SeqCst);
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        requests.spawn(async move {
+            body_string(
+                get(addr, "/2.0/repositories/acme/widgets")
+                    .await
+                    .into_body(),
+            )
+            .await
+        });
+    }
+    while let Some(body) = requests.join_next().await {
+        assert_eq!(body.unwrap(), "ok with Bearer token-2");
+    }
+    assert_eq!(tokens.calls(), 2);
+}
+
+const LEAKED_TOKEN: &str = "leaked-access-token-Zx81";
+const QUERY_SECRET: &str = "query-secret-Pw42";
+
+/// What a token-endpoint failure shows the client, and `/-/ready` with `verify = true`.
+async fn failure_texts(answer: (StatusCode, String)) -> (String, String) {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::answering(&pki, Duration::ZERO, move |_| answer.clone());
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let query = format!("?client_key={QUERY_SECRET}");
+    let proxy = start_proxy_with(&pki, &api, &tokens, &query, "verify = true").await;
+    let addr = proxy.local_addrs()[0];
+    let response = get(addr, "/2.0/repositories/acme/widgets").await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = body_string(response.into_body()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = body_string(get(addr, "/-/ready").await.into_body()).await;
+        if ready.contains("unreachable") {
+            return (body, ready);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_bodies_are_never_copied() {
+    // A 201 carrying a token, an error object with a description and a non-standard code, and
+    // a plain-text page: only the status and a standard `error` code are reported.
+    let cases = [
+        (
+            StatusCode::CREATED,
+            format!(r#"{{"access_token":"{LEAKED_TOKEN}","expires_in":7200}}"#),
+            "201 Created",
+        ),
+        (
+            StatusCode::BAD_REQUEST,
+            format!(r#"{{"error":"invalid_grant","error_description":"{LEAKED_TOKEN}"}}"#),
+            "400 Bad Request with OAuth error `invalid_grant`",
+        ),
+        (
+            StatusCode::UNAUTHORIZED,
+            format!(r#"{{"error":"{LEAKED_TOKEN}"}}"#),
+            "401 Unauthorized",
+        ),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("<html>{LEAKED_TOKEN}</html>"),
+            "500 Internal Server Error",
+        ),
+        (
+            StatusCode::OK,
+            format!(r#"{{"access_token":"{LEAKED_TOKEN}","expires_in":"{LEAKED_TOKEN}"}}"#),
+            "`expires_in`",
+        ),
+        // A token no header can carry used to panic building the header.
+        (
+            StatusCode::OK,
+            format!(r#"{{"access_token":"{LEAKED_TOKEN}\n","expires_in":7200}}"#),
+            "`access_token`",
+        ),
+        (
+            StatusCode::OK,
+            format!(r#"{{"access_token":{{"value":"{LEAKED_TOKEN}"}},"expires_in":7200}}"#),
+            "`access_token`",
+        ),
+    ];
+    for (status, body, expected) in cases {
+        let (error, ready) = failure_texts((status, body)).await;
+        for text in [&error, &ready] {
+            assert!(text.contains(expected), "{expected}: {text}");
+            assert!(text.contains("ci-consumer"), "{text}");
+            assert!(text.contains("/site/oauth2/access_token"), "{text}");
+            assert!(!text.contains(LEAKED_TOKEN), "{text}");
+            assert!(!text.contains(QUERY_SECRET), "{text}");
+            assert!(!text.contains(CLIENT_SECRET), "{text}");
+        }
+    }
+}
+
+/// `expires_in` near `u64::MAX` panicked ("overflow when adding duration to instant").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_expires_in_is_capped() {
+    let pki = TestPki::new();
+    let tokens = TokenEndpoint::start(&pki, u64::MAX, Duration::ZERO, StatusCode::OK);
+    let api = api(&pki, Arc::new(AtomicUsize::new(1)));
+    let proxy = start_proxy(&pki, &api, &tokens).await;
+    let addr = proxy.local_addrs()[0];
+    for _ in 0..3 {
+        let response = get(addr, "/2.0/repositories/acme/widgets").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            body_string(response.into_body()).await,
+            "ok with Bearer token-1"
+        );
+    }
+    assert_eq!(tokens.calls(), 1);
 }

@@ -129,6 +129,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Methods refused with 405 on every path, admin paths included, before routing, and refused in
+/// a route's `methods`: CONNECT (this is not a forward proxy), and TRACE and TRACK, which an
+/// upstream answers by echoing the request, `Authorization` included, back to the client.
+pub const REFUSED_METHODS: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
 /// Paths under this prefix belong to the proxy (`/-/health`, `/-/ready`, `/-/metrics`); no
 /// Bitbucket workspace can be named `-`, so no route can need it.
 pub const ADMIN_PREFIX: &str = "/-";

@@ -419,3 +419,40 @@ credential = "consumer"
         })
     );
 }
+
+#[test]
+fn trace_and_track_cannot_be_allowed_on_a_route() {
+    for method in ["TRACE", "track", "CONNECT"] {
+        let text = VALID.replacen(
+            r#"methods = ["get", "HEAD"]"#,
+            &format!(r#"methods = ["GET", "{method}"]"#),
+            1,
+        );
+        let messages = messages(&text);
+        assert!(
+            messages.iter().any(|m| m.contains(&format!(
+                "routes[0].methods: `{method}` is not an HTTP method the proxy forwards"
+            ))),
+            "{messages:?}"
+        );
+    }
+}
+
+/// A duration of centuries overflowed `Instant + Duration` (a panic on the first request).
+#[test]
+fn durations_past_a_year_are_refused_not_overflowed() {
+    let text = format!("{VALID}\n[upstream]\ntimeout = \"500000000years\"\n");
+    let text = text.replacen("[server]", "[server]\nshutdown_grace = \"366days\"", 1);
+    let messages = messages(&text);
+    for expected in [
+        "upstream.timeout: `500000000years` is longer than the longest duration accepted, 365 days",
+        "server.shutdown_grace: `366days` is longer than the longest duration accepted, 365 days",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.contains(expected)),
+            "{expected}: {messages:?}"
+        );
+    }
+    let text = VALID.replacen("[server]", "[server]\nshutdown_grace = \"365days\"", 1);
+    assert!(load(&text).is_ok());
+}

@@ -196,6 +196,10 @@ fn parse_listen(spec: &str) -> Option<ListenAddr> {
     }
 }
 
+/// The longest duration a setting accepts: deadlines are computed as now + duration, and a
+/// duration of centuries would overflow the clock instead of meaning "never".
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(
     issues: &mut Issues,
     key: &str,
@@ -205,6 +209,13 @@ fn parse_duration(
     match value {
         None => default,
         Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d > MAX_DURATION => {
+                issues.error(
+                    key,
+                    format!("`{text}` is longer than the longest duration accepted, 365 days"),
+                );
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             _ => {
                 issues.error(
@@ -544,7 +555,8 @@ fn credential(
             let token_url = match parse_token_url(url) {
                 Ok(uri) => Some(uri),
                 Err(why) => {
-                    issues.error(format!("{key}.token_url"), format!("`{url}` {why}"));
+                    let shown = crate::oauth::display_url(url);
+                    issues.error(format!("{key}.token_url"), format!("`{shown}` {why}"));
                     None
                 }
             };
@@ -758,7 +770,9 @@ fn routes(
             methods
                 .iter()
                 .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                    Ok(method) if method != Method::CONNECT => Some(method),
+                    Ok(method) if !super::REFUSED_METHODS.contains(&method.as_str()) => {
+                        Some(method)
+                    }
                     _ => {
                         issues.error(format!("{key}.methods"), format!("`{m}` is not an HTTP method the proxy forwards (valid: \"GET\", \"HEAD\", \"POST\", \"PUT\", \"PATCH\", \"DELETE\", \"OPTIONS\")"));
                         ok = false;
