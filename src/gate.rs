@@ -24,6 +24,13 @@ use crate::state::SharedState;
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// The most a refused peer's input is read while lingering.
 const REFUSAL_DRAIN_LIMIT: usize = 64 * 1024;
+/// Refused connections lingering at once. Refusals take no connection slot, so without this a
+/// flood of refused peers would hold a file descriptor each for [`REFUSAL_LINGER`]; past it a
+/// refusal is written without waiting and the socket closed at once.
+const MAX_LINGERING_REFUSALS: usize = 256;
+
+static LINGERING: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_LINGERING_REFUSALS);
 
 /// The refusal to send instead of serving `peer`, or `None` when the peer is allowed.
 pub fn refusal(state: &SharedState, peer: SocketAddr) -> Option<Bytes> {
@@ -57,7 +64,13 @@ pub fn raw_http1_response(error: &ProxyError) -> Bytes {
 /// connection slot meanwhile.
 pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
     tracing::info!(%peer, reason = "client-not-allowed", "refused a connection from outside server.allowed_clients");
+    let Ok(lingering) = LINGERING.try_acquire() else {
+        // A fresh socket's send buffer takes the few hundred bytes at once.
+        let _ = stream.try_write(&refusal);
+        return;
+    };
     tokio::spawn(async move {
+        let _lingering = lingering;
         let _ = tokio::time::timeout(REFUSAL_LINGER, async {
             stream.write_all(&refusal).await?;
             stream.shutdown().await?;

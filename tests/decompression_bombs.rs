@@ -94,6 +94,8 @@ impl Bombs {
         deflate.extend_from_slice(&raw);
         deflate.extend_from_slice(&(((b << 16) | a) as u32).to_be_bytes());
 
+        // Quality 1 encodes 1 GiB in about a second (193 KB out, 5500:1); quality 5 reaches the
+        // issue's 800-byte bomb but takes several seconds, and the proxy's bound is the same.
         let mut brotli = brotli::CompressorWriter::new(Vec::new(), 1 << 16, 1, 24);
         brotli.write_all(b"[").unwrap();
         for _ in 0..SPACES / SEGMENT as u64 {
