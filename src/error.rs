@@ -165,9 +165,14 @@ impl ProxyError {
         }
     }
 
+    /// The body of [`ProxyError::into_response`]: Bitbucket's error JSON.
+    pub fn body_json(&self) -> Bytes {
+        error_json(self.message(), &self.to_string())
+    }
+
     /// The error as Bitbucket's own error shape, plus the reason header.
     pub fn into_response(self) -> Response<ProxyBody> {
-        let body = error_json(self.message(), &self.to_string());
+        let body = self.body_json();
         let mut response = Response::new(ProxyBody::local(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

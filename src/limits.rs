@@ -228,7 +228,10 @@ impl Body for PermitBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.project().inner.poll_frame(cx)
+        let polled = self.project().inner.poll_frame(cx);
+        // Over HTTP/2, the stream's send bound is judged from what the body hands to hyper.
+        crate::stall::note_body_poll(&polled);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

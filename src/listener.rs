@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -19,6 +19,7 @@ use crate::config::{Config, ListenAddr, ServerSettings};
 use crate::limits::{InFlightLimitLayer, OpenRequests, SendTimeoutIo};
 use crate::proxy::{ConnectionInfo, ProxyService};
 use crate::reload::ReloadHandle;
+use crate::stall::StreamExecutor;
 use crate::state::SharedState;
 use crate::telemetry::AccessLogLayer;
 
@@ -191,7 +192,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), StartError> {
 /// fixed at start-up; a reload that changes them is reported, not applied.
 struct ServeContext {
     state: Arc<SharedState>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<StreamExecutor>,
     connections: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     send_timeout: Duration,
@@ -202,8 +203,8 @@ struct ServeContext {
     cut: watch::Receiver<bool>,
 }
 
-fn server_builder(server: &ServerSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn server_builder(server: &ServerSettings) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor::new(server.send_timeout));
     // hyper enforces the head timeout (the slowloris bound) only when a timer is set.
     builder
         .http1()
@@ -214,7 +215,8 @@ fn server_builder(server: &ServerSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_REQUEST_HEAD as u32);
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .max_concurrent_streams(server.max_concurrent_streams);
     builder
 }
 
@@ -232,6 +234,11 @@ async fn accept_loop(
         match accepted {
             Ok(Accepted::Tcp(stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                // Before the connection counts against server.max_connections.
+                if let Some(refusal) = crate::gate::refusal(&context.state, peer) {
+                    crate::gate::refuse(stream, peer, refusal);
+                    continue;
+                }
                 let info = ConnectionInfo {
                     peer: Some(peer),
                     local: stream.local_addr().ok(),

@@ -117,6 +117,9 @@ fn startup_only_changes(
     if running.max_in_flight != configured.max_in_flight {
         changed.push("server.max_in_flight");
     }
+    if running.max_concurrent_streams != configured.max_concurrent_streams {
+        changed.push("server.max_concurrent_streams");
+    }
     if running.header_read_timeout != configured.header_read_timeout {
         changed.push("server.header_read_timeout");
     }

@@ -327,7 +327,13 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for LoggedBody<B> {
                     this.record.outcome = Outcome::Complete;
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.record.outcome = Outcome::Failed,
+            Poll::Ready(Some(Err(error))) => {
+                this.record.outcome = Outcome::Failed;
+                // A body the proxy itself aborted says why (`decompression-limit`).
+                if let Some(decode) = error.downcast_ref::<crate::rewrite::DecodeError>() {
+                    this.record.reason = Some(decode.reason().to_owned());
+                }
+            }
             Poll::Ready(None) => this.record.outcome = Outcome::Complete,
             Poll::Pending => {}
         }

@@ -34,6 +34,7 @@ pub struct ServerSection {
     pub shutdown_grace: Option<String>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
     pub header_read_timeout: Option<String>,
     pub send_timeout: Option<String>,
 }

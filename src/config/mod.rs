@@ -52,6 +52,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Requests in flight (until their response body is done); beyond it, 503.
     pub max_in_flight: usize,
+    /// Streams open at once on one HTTP/2 connection (announced in SETTINGS).
+    pub max_concurrent_streams: u32,
     /// How long a client may take to send a request head.
     pub header_read_timeout: Duration,
     /// How long a write to a client may make no progress (a client that stopped reading).
@@ -127,6 +129,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_UNIX_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Well under hyper's 200, so a few HTTP/2 connections cannot take every in-flight slot.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 32;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 

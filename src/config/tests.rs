@@ -456,3 +456,26 @@ fn durations_past_a_year_are_refused_not_overflowed() {
     let text = VALID.replacen("[server]", "[server]\nshutdown_grace = \"365days\"", 1);
     assert!(load(&text).is_ok());
 }
+
+#[test]
+fn max_concurrent_streams_defaults_well_under_hypers_200_and_refuses_zero() {
+    let config = load(VALID).unwrap();
+    assert_eq!(config.server.max_concurrent_streams, 32);
+    let text = VALID.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nmax_concurrent_streams = 0",
+    );
+    let lines = messages(&text);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("server.max_concurrent_streams: must be at least 1")),
+        "{}",
+        lines.join("\n")
+    );
+    let text = VALID.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nmax_concurrent_streams = 8",
+    );
+    assert_eq!(load(&text).unwrap().server.max_concurrent_streams, 8);
+}

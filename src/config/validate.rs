@@ -15,9 +15,9 @@ use super::file::{ConfigFile, CredentialSection, RouteSection};
 use super::{
     ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_GIT_URL, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin,
-    ServerSettings, UpstreamSettings,
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE,
+    DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings, UpstreamSettings,
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
 use crate::path::check_path;
@@ -175,6 +175,14 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
         file.server.max_in_flight,
         DEFAULT_MAX_IN_FLIGHT,
     );
+    let max_concurrent_streams = match file.server.max_concurrent_streams {
+        Some(0) => {
+            issues.error("server.max_concurrent_streams", "must be at least 1");
+            DEFAULT_MAX_CONCURRENT_STREAMS
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_CONCURRENT_STREAMS,
+    };
     ServerSettings {
         listen,
         allowed_clients,
@@ -183,6 +191,7 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
         shutdown_grace,
         max_connections,
         max_in_flight,
+        max_concurrent_streams,
         header_read_timeout,
         send_timeout,
     }

@@ -11,7 +11,6 @@
 //! would multiply the bytes on the slow internet hop. Codings the proxy cannot decode are
 //! filtered out of `Accept-Encoding` on rewriting routes, so they never arrive.
 
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -28,9 +27,9 @@ use crate::config::Config;
 use crate::credentials::UpstreamKind;
 use crate::routing::{Route, RouteTable, segment_prefix_matches};
 
-/// Compressed input is fed to the decoder in slices this big, bounding what one slice can
-/// expand to (deflate's worst case is about 1000:1).
-const DECODE_SLICE: usize = 4096;
+mod decode;
+pub use decode::{DECODE_STEP, DecodeError, EXPANSION_FLOOR, MAX_EXPANSION_RATIO};
+use decode::{Decoder, Step};
 
 /// One origin to look for. Its authority is what is searched, so one pass finds both the plain
 /// and the JSON-escaped form; the scheme just before it says which form it is.
@@ -255,7 +254,6 @@ pub fn rewrite(
             inner: body,
             rewriter,
             decoder,
-            pending: Bytes::new(),
             trailers: None,
             done: false,
         }),
@@ -709,79 +707,14 @@ static PATH_CHARS: [bool; 256] = {
     table
 };
 
-/// Streaming decoders for the codings Bitbucket uses.
-enum Decoder {
-    Gzip(flate2::write::GzDecoder<Vec<u8>>),
-    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
-    Brotli(Box<brotli_decompressor::DecompressorWriter<Vec<u8>>>),
-}
-
-impl Decoder {
-    fn supports(coding: &str) -> bool {
-        ["gzip", "x-gzip", "deflate", "br"]
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(coding))
-    }
-
-    fn for_coding(coding: &str) -> Option<Decoder> {
-        let lower = coding.to_ascii_lowercase();
-        match lower.as_str() {
-            "gzip" | "x-gzip" => Some(Decoder::Gzip(flate2::write::GzDecoder::new(Vec::new()))),
-            "deflate" => Some(Decoder::Deflate(
-                flate2::write::ZlibDecoder::new(Vec::new()),
-            )),
-            "br" => Some(Decoder::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(Vec::new(), DECODE_SLICE),
-            ))),
-            _ => None,
-        }
-    }
-
-    fn feed(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
-                d.write_all(input)?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-            Decoder::Deflate(d) => {
-                d.write_all(input)?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-            Decoder::Brotli(d) => {
-                d.write_all(input)?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-        }
-    }
-
-    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
-                d.try_finish()?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-            Decoder::Deflate(d) => {
-                d.try_finish()?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-            Decoder::Brotli(d) => {
-                d.flush()?;
-                d.close()?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-        }
-    }
-}
-
 pin_project! {
     /// A JSON body with upstream URLs rewritten on the fly.
     pub struct RewriteBody<B> {
         #[pin]
         inner: B,
         rewriter: LinkRewriter,
+        // Owns the compressed input not yet decoded; each poll decodes one bounded step.
         decoder: Option<Decoder>,
-        // Compressed input not yet fed to the decoder.
-        pending: Bytes,
         trailers: Option<HeaderMap>,
         done: bool,
     }
@@ -803,24 +736,33 @@ where
             if *this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            if !this.pending.is_empty() {
-                let slice = this.pending.split_to(this.pending.len().min(DECODE_SLICE));
-                let decoder = this
-                    .decoder
-                    .as_mut()
-                    .expect("pending input only exists with a decoder");
-                let decoded = decoder.feed(&slice).map_err(decode_error)?;
-                let out = this.rewriter.process(&decoded, false);
-                if !out.is_empty() {
-                    return Poll::Ready(Some(Ok(Frame::data(out))));
+            if let Some(decoder) = this.decoder.as_mut() {
+                match decoder.step() {
+                    Ok(Step::Data(decoded)) => {
+                        let out = this.rewriter.process(decoded, false);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        continue;
+                    }
+                    Ok(Step::NeedInput) => {}
+                    Ok(Step::End) => return finish(this.rewriter, this.done),
+                    Err(error) => {
+                        tracing::warn!(
+                            reason = error.reason(),
+                            route = &*this.rewriter.route.prefix,
+                            error = %error,
+                            "response aborted"
+                        );
+                        return Poll::Ready(Some(Err(error.into())));
+                    }
                 }
-                continue;
             }
             match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        if this.decoder.is_some() {
-                            *this.pending = data;
+                        if let Some(decoder) = this.decoder.as_mut() {
+                            decoder.push(data);
                             continue;
                         }
                         let out = this.rewriter.process(&data, false);
@@ -830,11 +772,17 @@ where
                     }
                     Err(frame) => {
                         *this.trailers = frame.into_trailers().ok();
-                        return finish(this.rewriter, this.decoder, this.done);
+                        match this.decoder.as_mut() {
+                            Some(decoder) => decoder.end_input(),
+                            None => return finish(this.rewriter, this.done),
+                        }
                     }
                 },
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => return finish(this.rewriter, this.decoder, this.done),
+                None => match this.decoder.as_mut() {
+                    Some(decoder) => decoder.end_input(),
+                    None => return finish(this.rewriter, this.done),
+                },
             }
         }
     }
@@ -848,31 +796,18 @@ where
     }
 }
 
+/// The input is over and fully decoded: settles a URL the last chunk may have cut short.
 fn finish(
     rewriter: &mut LinkRewriter,
-    decoder: &mut Option<Decoder>,
     done: &mut bool,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     *done = true;
-    let tail = match decoder.as_mut() {
-        Some(decoder) => match decoder.finish() {
-            Ok(tail) => tail,
-            Err(e) => return Poll::Ready(Some(Err(decode_error(e)))),
-        },
-        None => Vec::new(),
-    };
-    let out = rewriter.process(&tail, true);
+    let out = rewriter.process(&[], true);
     if out.is_empty() {
         Poll::Ready(None)
     } else {
         Poll::Ready(Some(Ok(Frame::data(out))))
     }
-}
-
-/// A body that fails to decode is an upstream fault: the transfer is aborted, never truncated
-/// into something that looks complete.
-fn decode_error(error: std::io::Error) -> BoxError {
-    format!("cannot decode the upstream's compressed body: {error}").into()
 }
 
 #[cfg(test)]

@@ -267,6 +267,7 @@ mod streaming {
     use flate2::Compression;
     use flate2::write::GzEncoder;
     use http_body_util::{BodyExt, StreamBody};
+    use std::io::Write;
 
     fn body_of(chunks: Vec<Vec<u8>>) -> impl Body<Data = Bytes, Error = BoxError> {
         let frames = chunks
@@ -284,7 +285,6 @@ mod streaming {
             inner: body_of(chunks),
             rewriter,
             decoder,
-            pending: Bytes::new(),
             trailers: None,
             done: false,
         };

@@ -1,0 +1,113 @@
+//! The check a TCP connection passes at accept, before it takes a `server.max_connections`
+//! slot: a peer outside `server.allowed_clients` is answered 403 and closed at once. Checked
+//! only per request, a refused peer that sent nothing held its slot until
+//! `server.header_read_timeout`, and a handful of them locked every allowed client out.
+//!
+//! Reads the live config (a reload may change `allowed_clients`) and uses
+//! [`crate::proxy::admit`], so the accept check and the per-request check cannot disagree; the
+//! per-request check still covers connections accepted before a reload narrowed the list.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::{ProxyError, REASON_HEADER};
+use crate::proxy::ConnectionInfo;
+use crate::state::SharedState;
+
+/// How long a refused connection is given to take its 403, and for its request to be read and
+/// discarded after the proxy's FIN (closing with unread input would send a reset, which can
+/// destroy the 403 before the client reads it).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// The most a refused peer's input is read while lingering.
+const REFUSAL_DRAIN_LIMIT: usize = 64 * 1024;
+/// Refused connections lingering at once. Refusals take no connection slot, so without this a
+/// flood of refused peers would hold a file descriptor each for [`REFUSAL_LINGER`]; past it a
+/// refusal is written without waiting and the socket closed at once.
+const MAX_LINGERING_REFUSALS: usize = 256;
+
+static LINGERING: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_LINGERING_REFUSALS);
+
+/// The refusal to send instead of serving `peer`, or `None` when the peer is allowed.
+pub fn refusal(state: &SharedState, peer: SocketAddr) -> Option<Bytes> {
+    let generation = state.current();
+    let connection = ConnectionInfo {
+        peer: Some(peer),
+        local: None,
+    };
+    let error = crate::proxy::admit(&generation.config, &connection).err()?;
+    Some(raw_http1_response(&error))
+}
+
+/// The error as an HTTP/1.1 response written by hand (hyper never sees the connection), in
+/// the same shape [`ProxyError::into_response`] gives, announcing the close.
+pub fn raw_http1_response(error: &ProxyError) -> Bytes {
+    let body = error.body_json();
+    let status = error.status();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\n{REASON_HEADER}: {}\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        error.reason(),
+        body.len()
+    );
+    [head.as_bytes(), &body].concat().into()
+}
+
+/// Sends `refusal` and closes the connection: FIN at once, then the peer's input is drained
+/// for at most [`REFUSAL_LINGER`] so the close does not turn into a reset. Holds no
+/// connection slot meanwhile.
+pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
+    tracing::info!(%peer, reason = "client-not-allowed", "refused a connection from outside server.allowed_clients");
+    let Ok(lingering) = LINGERING.try_acquire() else {
+        // A fresh socket's send buffer takes the few hundred bytes at once.
+        let _ = stream.try_write(&refusal);
+        return;
+    };
+    tokio::spawn(async move {
+        let _lingering = lingering;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            stream.write_all(&refusal).await?;
+            stream.shutdown().await?;
+            let mut buf = [0u8; 4096];
+            let mut drained = 0;
+            while drained < REFUSAL_DRAIN_LIMIT {
+                match stream.read(&mut buf).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_raw_refusal_is_a_complete_http1_response_in_bitbucket_shape() {
+        let raw = raw_http1_response(&ProxyError::ClientNotAllowed("192.0.2.7".into()));
+        let text = std::str::from_utf8(&raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+        assert!(head.contains("\r\nx-bitbucket-auth-proxy: client-not-allowed\r\n"));
+        assert!(head.contains("\r\nconnection: close\r\n"));
+        assert!(head.contains(&format!("\r\ncontent-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["type"], "error");
+        assert!(
+            json["error"]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("192.0.2.7")
+        );
+    }
+}
