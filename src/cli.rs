@@ -11,7 +11,7 @@ use crate::telemetry::{LogFormat, init_logging};
 #[derive(Debug, Parser)]
 #[command(
     name = "bitbucket-auth-proxy",
-    version,
+    version = crate::build_info::long_version(),
     about = "Keeps Bitbucket Cloud credentials in one process: clients call it without secrets, it injects them."
 )]
 pub struct Cli {

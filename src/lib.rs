@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod credentials;

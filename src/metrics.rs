@@ -53,6 +53,9 @@ pub struct VerifyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// Short commit hash; empty when the build could not see git.
+    commit: &'static str,
+    commit_date: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -195,12 +198,16 @@ impl Metrics {
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
+                version: crate::build_info::VERSION,
+                commit: crate::build_info::COMMIT.unwrap_or(""),
+                commit_date: crate::build_info::COMMIT_DATE.unwrap_or(""),
             })
             .set(1);
-        metrics
-            .registry
-            .register("build_info", "Build information", build_info);
+        metrics.registry.register(
+            "build_info",
+            "Version and commit of the running binary",
+            build_info,
+        );
         metrics
     }
 

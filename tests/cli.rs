@@ -251,14 +251,26 @@ fn config_path_can_come_from_the_environment() {
     assert!(stderr.contains(CONFIG_ENV), "{stderr}");
 }
 
+/// `0.1.0 (abc1234 2026-12-01)` when built from a git checkout (as this test is), else `0.1.0`.
 #[test]
-fn version_flag_prints_the_version() {
+fn version_flag_names_the_commit_it_was_built_from() {
     let (out, stdout, stderr) = output(bin().arg("--version"));
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(
-        stdout.trim(),
-        format!("bitbucket-auth-proxy {}", env!("CARGO_PKG_VERSION"))
-    );
+    let head = Command::new("git")
+        .args(["log", "-1", "--format=%h %cs", "--abbrev=7"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let expected = match head {
+        Some(head) => format!(
+            "bitbucket-auth-proxy {} ({head})",
+            env!("CARGO_PKG_VERSION")
+        ),
+        None => format!("bitbucket-auth-proxy {}", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(stdout.trim(), expected);
 }
 
 #[test]
