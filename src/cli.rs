@@ -180,7 +180,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
         // The grace period of the config in force now, reloads included.
         let grace = proxy.state().current().config.server.shutdown_grace;
         tracing::info!(
-            grace_s = grace.as_secs_f64(),
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
             "shutting down: no new connections, draining"
         );
         match proxy.shutdown(grace).await {

@@ -25,6 +25,7 @@ pub mod oauth;
 pub mod path;
 pub mod proxy;
 pub mod reload;
+pub mod request_id;
 pub mod rewrite;
 pub mod routing;
 pub mod secrets;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, ConfigError, ServerSettings};
+use crate::config::{Config, ConfigError, ListenAddr, ServerSettings};
 use crate::metrics::ResultLabels;
 use crate::state::SharedState;
 use crate::verify::{self, VerifyStatus};
@@ -38,13 +38,24 @@ pub struct ReloadHandle {
     reloading: Arc<tokio::sync::Mutex<()>>,
     /// The listener settings in force since start-up, which a reload cannot change.
     started_with: Arc<ServerSettings>,
+    admin_started_with: Arc<[ListenAddr]>,
 }
 
-/// The `[server]` keys that differ from the running listeners' and need a restart.
+/// The `[server]` and `[admin]` keys that differ from the running listeners' and need a
+/// restart.
 fn startup_only_changes(
     running: &ServerSettings,
-    configured: &ServerSettings,
+    running_admin: &[ListenAddr],
+    configured: &Config,
 ) -> Vec<&'static str> {
+    let mut changed = listener_changes(running, &configured.server);
+    if running_admin != configured.admin.listen.as_slice() {
+        changed.push("admin.listen");
+    }
+    changed
+}
+
+fn listener_changes(running: &ServerSettings, configured: &ServerSettings) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if running.listen != configured.listen {
         changed.push("server.listen");
@@ -102,6 +113,18 @@ async fn fingerprint_off_thread(files: Vec<PathBuf>) -> Fingerprint {
         .unwrap_or_default()
 }
 
+/// The files whose fingerprint differs, comma-separated (every file when the lists differ,
+/// as after a reload that named other secret files).
+fn changed_files(files: &[PathBuf], now: &Fingerprint, before: &Fingerprint) -> String {
+    files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| now.len() != before.len() || now[*i] != before[*i])
+        .map(|(_, file)| file.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Failed directories are retried on every pass (a secret mount may appear later) but warned
 /// about once.
 enum DirectoryWatch {
@@ -117,12 +140,15 @@ struct Tasks {
 
 impl ReloadHandle {
     pub fn new(state: Arc<SharedState>) -> Self {
-        let started_with = Arc::new(state.current().config.server.clone());
+        let current = state.current();
+        let started_with = Arc::new(current.config.server.clone());
+        let admin_started_with = current.config.admin.listen.clone().into();
         ReloadHandle {
             state,
             tasks: Arc::default(),
             reloading: Arc::default(),
             started_with,
+            admin_started_with,
         }
     }
 
@@ -132,6 +158,11 @@ impl ReloadHandle {
 
     /// Re-reads the config file and every secret, and installs the result if it is valid.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
+        self.reload_because("requested").await
+    }
+
+    /// [`reload`](Self::reload), logging what set it off: `SIGHUP`, or the files that changed.
+    async fn reload_because(&self, cause: &str) -> Result<u64, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.state.current();
         let path = current.config.path.clone();
@@ -143,11 +174,11 @@ impl ReloadHandle {
             Ok(config) => config,
             Err(error) => {
                 self.count("failed");
-                tracing::error!(error = %error, "config reload failed; still serving the previous config");
+                tracing::error!(config = %current.config.path.display(), cause, error = %error, "config reload failed; still serving the previous config");
                 return Err(error);
             }
         };
-        let unapplied = startup_only_changes(&self.started_with, &config.server);
+        let unapplied = startup_only_changes(&self.started_with, &self.admin_started_with, &config);
         if !unapplied.is_empty() {
             tracing::warn!(
                 keys = %unapplied.join(", "),
@@ -159,7 +190,12 @@ impl ReloadHandle {
         }
         let generation = self.state.install(config);
         self.count("ok");
-        tracing::info!(generation, "config reloaded");
+        tracing::info!(
+            generation,
+            config = %current.config.path.display(),
+            cause,
+            "config reloaded"
+        );
         self.start_verifiers();
         Ok(generation)
     }
@@ -271,16 +307,19 @@ impl ReloadHandle {
             // Taken before the reload reads the files, so a write racing the reload still
             // differs from it and triggers another one.
             let before = fingerprint_off_thread(files.clone()).await;
-            if hangup {
+            let cause = if hangup {
                 tracing::info!("SIGHUP received; reloading");
+                "SIGHUP".to_owned()
             } else if before == last_seen {
                 // Other files share these directories (logs, editors' swap files): reload
                 // only when a file the config depends on really changed.
                 continue;
             } else {
-                tracing::info!("a watched file changed; reloading");
-            }
-            let _ = self.reload().await;
+                let changed = changed_files(&files, &before, &last_seen);
+                tracing::info!(changed = %changed, "a watched file changed; reloading");
+                format!("changed: {changed}")
+            };
+            let _ = self.reload_because(&cause).await;
             let reloaded_files = self.state.current().config.watched_files();
             last_seen = if reloaded_files == files {
                 before

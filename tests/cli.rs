@@ -672,7 +672,7 @@ async fn run_with_trace_logging_never_logs_a_secret_and_stops_cleanly_on_sigterm
             assert_eq!(line["status"], status, "{line}");
             assert_eq!(line["route"].as_str(), route, "{line}");
             assert_eq!(line["credential"].as_str(), credential, "{line}");
-            assert!(line["duration_ms"].is_number(), "{line}");
+            assert!(line["duration_us"].is_u64(), "{line}");
         };
     expect_line(
         "GET",
