@@ -168,7 +168,7 @@ fn log_started(config: &Config, listeners: &[Listener], admin_listeners: &[Liste
     let admin_listen = (!admin_listeners.is_empty()).then(|| describe(admin_listeners));
     tracing::info!(
         version = crate::build_info::long_version(),
-        config = %config.path.display(),
+        config = %crate::telemetry::resolved(&config.path).display(),
         listen = %describe(listeners),
         admin_listen,
         routes = config.routes.routes().len(),

@@ -120,7 +120,7 @@ fn changed_files(files: &[PathBuf], now: &Fingerprint, before: &Fingerprint) -> 
         .iter()
         .enumerate()
         .filter(|(i, _)| now.len() != before.len() || now[*i] != before[*i])
-        .map(|(_, file)| file.display().to_string())
+        .map(|(_, file)| crate::telemetry::resolved(file).display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -174,7 +174,7 @@ impl ReloadHandle {
             Ok(config) => config,
             Err(error) => {
                 self.count("failed");
-                tracing::error!(config = %current.config.path.display(), cause, error = %error, "config reload failed; still serving the previous config");
+                tracing::error!(config = %crate::telemetry::resolved(&current.config.path).display(), cause, error = %error, "config reload failed; still serving the previous config");
                 return Err(error);
             }
         };
@@ -192,7 +192,7 @@ impl ReloadHandle {
         self.count("ok");
         tracing::info!(
             generation,
-            config = %current.config.path.display(),
+            config = %crate::telemetry::resolved(&current.config.path).display(),
             cause,
             "config reloaded"
         );
@@ -386,6 +386,31 @@ token = { file = "token" }
 prefix = "/2.0/repositories/acme/widgets"
 credential = "widgets-ci"
 "#;
+
+    #[test]
+    fn admin_listen_is_start_up_only_and_admin_allowed_clients_is_not() {
+        let config = |admin: &str| {
+            let text = format!(
+                "{admin}\n{}",
+                CONFIG.replace("{ file = \"token\" }", "{ value = \"t\" }")
+            );
+            Config::from_toml(std::path::Path::new("/etc/bbap/proxy.toml"), &text).unwrap()
+        };
+        let running = config("[admin]\nlisten = [\"127.0.0.1:9090\"]");
+        let changes =
+            |next: &Config| startup_only_changes(&running.server, &running.admin.listen, next);
+        assert!(
+            changes(&config(
+                "[admin]\nlisten = [\"127.0.0.1:9090\"]\nallowed_clients = [\"10.0.0.0/8\"]"
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            changes(&config("[admin]\nlisten = [\"127.0.0.1:9091\"]")),
+            ["admin.listen"]
+        );
+        assert_eq!(changes(&config("")), ["admin.listen"]);
+    }
 
     /// Without inotify the loop polls fingerprints, which see a sub-second replace-by-rename
     /// that a whole-second mtime comparison would miss.

@@ -67,6 +67,12 @@ pub fn init_logging(format: Option<LogFormat>) -> tracing_appender::non_blocking
     guard
 }
 
+/// A path as logged: absolute and without symlinks when it can be resolved, so a line read
+/// away from the process's working directory still names the file.
+pub fn resolved(path: &std::path::Path) -> std::borrow::Cow<'_, std::path::Path> {
+    std::fs::canonicalize(path).map_or(std::borrow::Cow::Borrowed(path), std::borrow::Cow::Owned)
+}
+
 /// Request-body bytes, counted by the forwarding phase, read by the access log.
 #[derive(Clone)]
 pub struct RequestBytes(pub Arc<ByteCounter>);
