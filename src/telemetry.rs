@@ -370,7 +370,8 @@ impl Drop for AccessRecord {
         access_line!(
             level,
             request_id = pending.request_id.to_str().unwrap_or_default(),
-            client = pending.peer.map(|peer| tracing::field::display(peer.ip())),
+            // A v4 client of a `[::]` listener as `10.0.0.7`, not `::ffff:10.0.0.7`.
+            client = pending.peer.map(|peer| tracing::field::display(peer.ip().to_canonical())),
             method = %pending.method,
             // The query is left out: it may carry identifiers nobody meant to log.
             path = pending.uri.path(),
