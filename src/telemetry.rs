@@ -546,4 +546,52 @@ mod tests {
         assert_eq!(lines[0]["bytes_in"], 0);
         assert_eq!(lines[0]["bytes_out"], 11);
     }
+
+    #[tokio::test]
+    async fn the_request_id_reaches_the_service_and_the_client_and_probes_are_not_requests() {
+        let captured = Captured::default();
+        let _logging = tracing::subscriber::set_default(subscriber(&captured));
+        let metrics = Arc::new(Metrics::new());
+        let answer = tower::service_fn(|request: Request<Empty<Bytes>>| async move {
+            let id = request.headers()[REQUEST_ID_HEADER].clone();
+            Ok::<_, Infallible>(Response::new(ProxyBody::local(id.as_bytes().to_vec())))
+        });
+        let service = AccessLogLayer::new(metrics.clone()).layer(answer);
+        let request = Request::get("/-/health")
+            .header("x-request-id", "probe-7")
+            .body(Empty::new())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers()[REQUEST_ID_HEADER], "probe-7");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"probe-7", "the service saw another id");
+
+        let request = Request::get("/2.0/user")
+            .header("x-request-id", "not valid")
+            .body(Empty::new())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        let made = response.headers()[REQUEST_ID_HEADER].clone();
+        assert!(made != "not valid" && request_id::is_valid(made.as_bytes()));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], made.as_bytes());
+
+        let health =
+            r#"bitbucket_auth_proxy_admin_requests_total{endpoint="/-/health",status_class="2xx"}"#;
+        assert_eq!(sample(&metrics, health).as_deref(), Some("1"));
+        let text = metrics.encode();
+        let requests: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("bitbucket_auth_proxy_requests_total{"))
+            .collect();
+        assert_eq!(requests.len(), 1, "{text}");
+        assert!(requests[0].contains("method=\"GET\""), "{text}");
+        // The successful probe is below the subscriber's INFO; the other request is not.
+        let lines = captured.access_lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["path"], "/2.0/user");
+        assert_eq!(lines[0]["request_id"], made.to_str().unwrap());
+        assert_eq!(lines[0]["span"]["request_id"], made.to_str().unwrap());
+    }
 }
