@@ -1,5 +1,10 @@
 //! The proxy's own endpoints under the reserved prefix `/-/` (no Bitbucket workspace can be
-//! named `-`): `/-/health`, `/-/ready`, `/-/metrics`.
+//! named `-`): `/-/health`, `/-/ready`, `/-/metrics`, and which listener serves which.
+//!
+//! Without `[admin] listen` the main listener serves all three. With it, the admin listener
+//! serves all three and nothing else (no path there reaches a route), and the main listener
+//! keeps only `/-/health`, for simple liveness probes: readiness details and metrics are for
+//! the operator's network.
 
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use serde_json::json;
@@ -19,13 +24,56 @@ pub fn is_admin_path(path: &str) -> bool {
     segment_prefix_matches(ADMIN_PREFIX.as_bytes(), path.as_bytes())
 }
 
-/// Serves an admin path. Only GET and HEAD; anything else under `/-/` is a 404.
+/// The listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerRole {
+    /// `server.listen`. `admin_elsewhere` when an `admin.listen` listener runs (fixed at
+    /// start-up, like the listeners themselves).
+    Main { admin_elsewhere: bool },
+    /// `admin.listen`: admin endpoints only, admitted by `admin.allowed_clients`.
+    Admin,
+}
+
+/// Whether a request is for the proxy's own endpoints rather than a route: everything on the
+/// admin listener, and paths under `/-/` on the main one.
+pub fn is_admin_request(listener: ListenerRole, path: &str) -> bool {
+    listener == ListenerRole::Admin || is_admin_path(path)
+}
+
+/// The bounded `endpoint` label of an admin request.
+pub fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        HEALTH_PATH => HEALTH_PATH,
+        READY_PATH => READY_PATH,
+        METRICS_PATH => METRICS_PATH,
+        _ => "other",
+    }
+}
+
+/// Whether `path` is an endpoint this listener serves.
+fn served_on(listener: ListenerRole, path: &str) -> bool {
+    match listener {
+        ListenerRole::Admin
+        | ListenerRole::Main {
+            admin_elsewhere: false,
+        } => matches!(path, HEALTH_PATH | READY_PATH | METRICS_PATH),
+        ListenerRole::Main {
+            admin_elsewhere: true,
+        } => path == HEALTH_PATH,
+    }
+}
+
+/// Serves an admin request. Only GET and HEAD; a path this listener does not serve is a 404.
 pub async fn serve(
     state: &SharedState,
     generation: &Generation,
+    listener: ListenerRole,
     method: &Method,
     path: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if !served_on(listener, path) {
+        return Err(ProxyError::NoRoute);
+    }
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(ProxyError::MethodNotAllowed {
             method: method.clone(),

@@ -11,7 +11,7 @@ use crate::telemetry::{LogFormat, init_logging};
 #[derive(Debug, Parser)]
 #[command(
     name = "bitbucket-auth-proxy",
-    version,
+    version = crate::build_info::long_version(),
     about = "Keeps Bitbucket Cloud credentials in one process: clients call it without secrets, it injects them."
 )]
 pub struct Cli {
@@ -180,7 +180,7 @@ fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
         // The grace period of the config in force now, reloads included.
         let grace = proxy.state().current().config.server.shutdown_grace;
         tracing::info!(
-            grace_s = grace.as_secs_f64(),
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
             "shutting down: no new connections, draining"
         );
         match proxy.shutdown(grace).await {

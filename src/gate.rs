@@ -32,14 +32,11 @@ const MAX_LINGERING_REFUSALS: usize = 256;
 static LINGERING: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(MAX_LINGERING_REFUSALS);
 
-/// The refusal to send instead of serving `peer`, or `None` when the peer is allowed.
-pub fn refusal(state: &SharedState, peer: SocketAddr) -> Option<Bytes> {
+/// The refusal to send instead of serving `connection`, or `None` when its peer is allowed
+/// (by the `allowed_clients` of the listener it came in on).
+pub fn refusal(state: &SharedState, connection: &ConnectionInfo) -> Option<Bytes> {
     let generation = state.current();
-    let connection = ConnectionInfo {
-        peer: Some(peer),
-        local: None,
-    };
-    let error = crate::proxy::admit(&generation.config, &connection).err()?;
+    let error = crate::proxy::admit(&generation.config, connection).err()?;
     Some(raw_http1_response(&error))
 }
 
@@ -63,7 +60,7 @@ pub fn raw_http1_response(error: &ProxyError) -> Bytes {
 /// for at most [`REFUSAL_LINGER`] so the close does not turn into a reset. Holds no
 /// connection slot meanwhile.
 pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
-    tracing::info!(%peer, reason = "client-not-allowed", "refused a connection from outside server.allowed_clients");
+    tracing::info!(%peer, reason = "client-not-allowed", "refused a connection from outside allowed_clients");
     let Ok(lingering) = LINGERING.try_acquire() else {
         // A fresh socket's send buffer takes the few hundred bytes at once.
         let _ = stream.try_write(&refusal);

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod budget;
+pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod credentials;
@@ -26,6 +27,7 @@ pub mod oauth;
 pub mod path;
 pub mod proxy;
 pub mod reload;
+pub mod request_id;
 pub mod rewrite;
 pub mod routing;
 pub mod secrets;

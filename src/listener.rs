@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::admin::ListenerRole;
 use crate::config::{Config, ListenAddr, ServerSettings};
 use crate::limits::{InFlightLimitLayer, OpenRequests, SendTimeoutIo};
 use crate::proxy::{ConnectionInfo, ProxyService};
@@ -50,6 +51,7 @@ enum Listener {
 pub struct RunningProxy {
     state: Arc<SharedState>,
     local_addrs: Vec<SocketAddr>,
+    admin_addrs: Vec<SocketAddr>,
     unix_paths: Vec<PathBuf>,
     stop_accepting: watch::Sender<bool>,
     /// Set when the grace period runs out: every connection still open is closed.
@@ -68,19 +70,28 @@ pub enum ShutdownOutcome {
     GraceExpired,
 }
 
-/// Binds every `server.listen` address and starts serving.
+/// Binds every `server.listen` and `admin.listen` address and starts serving.
 pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
+    let mode = config.server.unix_socket_mode;
     let mut listeners = Vec::with_capacity(config.server.listen.len());
     for addr in &config.server.listen {
-        listeners.push(bind(addr, config.server.unix_socket_mode).await?);
+        listeners.push(bind(addr, mode).await?);
     }
-    let local_addrs = listeners
-        .iter()
-        .filter_map(|l| match l {
-            Listener::Tcp(tcp) => tcp.local_addr().ok(),
-            Listener::Unix(..) => None,
-        })
-        .collect::<Vec<_>>();
+    let mut admin_listeners = Vec::with_capacity(config.admin.listen.len());
+    for addr in &config.admin.listen {
+        admin_listeners.push(bind(addr, mode).await?);
+    }
+    let tcp_addrs = |listeners: &[Listener]| {
+        listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(tcp) => tcp.local_addr().ok(),
+                Listener::Unix(..) => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let local_addrs = tcp_addrs(&listeners);
+    let admin_addrs = tcp_addrs(&admin_listeners);
     let unix_paths = listeners
         .iter()
         .filter_map(|l| match l {
@@ -88,7 +99,9 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             Listener::Tcp(_) => None,
         })
         .collect::<Vec<_>>();
+    log_started(&config, &listeners, &admin_listeners);
     let server = config.server.clone();
+    let admin_elsewhere = !admin_listeners.is_empty();
     let state = Arc::new(SharedState::new(config));
     let reload = ReloadHandle::new(state.clone());
     reload.start_verifiers();
@@ -96,18 +109,29 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
     let (stop_accepting, stop_rx) = watch::channel(false);
     let (cut_connections, cut_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
-    let context = Arc::new(ServeContext {
-        state: state.clone(),
-        builder: server_builder(&server),
-        connections: Arc::new(Semaphore::new(server.max_connections)),
-        in_flight: Arc::new(Semaphore::new(server.max_in_flight)),
-        send_timeout: server.send_timeout,
-        idle_timeout: server.header_read_timeout,
-        too_many_connections: too_many_connections(),
-        cut: cut_rx,
-    });
+    // The admin listener gets budgets of its own: a flood of proxied requests must not keep
+    // a probe or a scrape out.
+    let context = |listener| {
+        Arc::new(ServeContext {
+            state: state.clone(),
+            listener,
+            builder: server_builder(&server),
+            connections: Arc::new(Semaphore::new(server.max_connections)),
+            in_flight: Arc::new(Semaphore::new(server.max_in_flight)),
+            send_timeout: server.send_timeout,
+            idle_timeout: server.header_read_timeout,
+            too_many_connections: too_many_connections(),
+            cut: cut_rx.clone(),
+        })
+    };
+    let main_context = context(ListenerRole::Main { admin_elsewhere });
+    let admin_context = context(ListenerRole::Admin);
     let mut accept_loops = JoinSet::new();
-    for listener in listeners {
+    let served = listeners
+        .into_iter()
+        .map(|l| (l, &main_context))
+        .chain(admin_listeners.into_iter().map(|l| (l, &admin_context)));
+    for (listener, context) in served {
         accept_loops.spawn(accept_loop(
             listener,
             context.clone(),
@@ -115,15 +139,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             stop_rx.clone(),
         ));
     }
-    for addr in &local_addrs {
-        tracing::info!(%addr, "listening");
-    }
-    for path in &unix_paths {
-        tracing::info!(path = %path.display(), "listening on unix socket");
-    }
     Ok(RunningProxy {
         state,
         local_addrs,
+        admin_addrs,
         unix_paths,
         stop_accepting,
         cut_connections,
@@ -131,6 +150,32 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
         graceful,
         reload,
     })
+}
+
+/// The start-up line: what runs, from which config, where, serving how much.
+fn log_started(config: &Config, listeners: &[Listener], admin_listeners: &[Listener]) {
+    let describe = |listeners: &[Listener]| {
+        listeners
+            .iter()
+            .map(|l| match l {
+                Listener::Tcp(tcp) => tcp
+                    .local_addr()
+                    .map_or_else(|e| format!("tcp ({e})"), |a| a.to_string()),
+                Listener::Unix(_, path) => format!("unix:{}", path.display()),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let admin_listen = (!admin_listeners.is_empty()).then(|| describe(admin_listeners));
+    tracing::info!(
+        version = crate::build_info::long_version(),
+        config = %crate::telemetry::resolved(&config.path).display(),
+        listen = %describe(listeners),
+        admin_listen,
+        routes = config.routes.routes().len(),
+        credentials = config.credentials.len(),
+        "started"
+    );
 }
 
 async fn bind(addr: &ListenAddr, unix_mode: u32) -> Result<Listener, StartError> {
@@ -192,6 +237,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), StartError> {
 /// fixed at start-up; a reload that changes them is reported, not applied.
 struct ServeContext {
     state: Arc<SharedState>,
+    listener: ListenerRole,
     builder: auto::Builder<StreamExecutor>,
     connections: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
@@ -234,21 +280,23 @@ async fn accept_loop(
         match accepted {
             Ok(Accepted::Tcp(stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                // Before the connection counts against server.max_connections.
-                if let Some(refusal) = crate::gate::refusal(&context.state, peer) {
-                    crate::gate::refuse(stream, peer, refusal);
-                    continue;
-                }
                 let info = ConnectionInfo {
                     peer: Some(peer),
                     local: stream.local_addr().ok(),
+                    listener: context.listener,
                 };
+                // Before the connection counts against server.max_connections.
+                if let Some(refusal) = crate::gate::refusal(&context.state, &info) {
+                    crate::gate::refuse(stream, peer, refusal);
+                    continue;
+                }
                 serve(stream, info, &context, &graceful);
             }
             Ok(Accepted::Unix(stream)) => {
                 let info = ConnectionInfo {
                     peer: None,
                     local: None,
+                    listener: context.listener,
                 };
                 serve(stream, info, &context, &graceful);
             }
@@ -309,7 +357,7 @@ where
     let open = OpenRequests::default();
     let idle_timeout = context.idle_timeout;
     let service = tower::ServiceBuilder::new()
-        .layer(AccessLogLayer::new(context.state.metrics.clone()))
+        .layer(AccessLogLayer::new(context.state.metrics.clone()).with_connection(&info))
         .layer(InFlightLimitLayer::new(
             context.in_flight.clone(),
             open.clone(),
@@ -349,6 +397,11 @@ impl RunningProxy {
     /// TCP addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// TCP addresses of the `admin.listen` listeners actually bound.
+    pub fn admin_addrs(&self) -> &[SocketAddr] {
+        &self.admin_addrs
     }
 
     pub fn unix_paths(&self) -> &[PathBuf] {

@@ -24,6 +24,13 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminLabels {
+    /// `/-/health`, `/-/ready`, `/-/metrics` or `other`.
+    pub endpoint: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: Arc<str>,
     pub credential: Arc<str>,
@@ -53,6 +60,9 @@ pub struct VerifyLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// Short commit hash; empty when the build could not see git.
+    commit: &'static str,
+    commit_date: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -64,6 +74,9 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests for the proxy's own endpoints, kept out of `requests` so probes and scrapes
+    /// do not swell the no-route series.
+    pub admin_requests: Family<AdminLabels, Counter>,
     pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub bytes_in: Family<RouteLabels, Counter>,
@@ -97,6 +110,7 @@ impl Metrics {
         let mut metrics = Metrics {
             no_route: Arc::from(NO_ROUTE),
             requests: Family::default(),
+            admin_requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             bytes_in: Family::default(),
@@ -120,6 +134,11 @@ impl Metrics {
             "requests",
             "Requests by route, credential, method and status class",
             metrics.requests.clone(),
+        );
+        metrics.registry.register(
+            "admin_requests",
+            "Requests for /-/health, /-/ready and /-/metrics (on either listener), by endpoint and status class",
+            metrics.admin_requests.clone(),
         );
         metrics.registry.register(
             "request_duration_seconds",
@@ -199,12 +218,16 @@ impl Metrics {
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
+                version: crate::build_info::VERSION,
+                commit: crate::build_info::COMMIT.unwrap_or(""),
+                commit_date: crate::build_info::COMMIT_DATE.unwrap_or(""),
             })
             .set(1);
-        metrics
-            .registry
-            .register("build_info", "Build information", build_info);
+        metrics.registry.register(
+            "build_info",
+            "Version and commit of the running binary",
+            build_info,
+        );
         metrics
     }
 
@@ -243,6 +266,16 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(request.bytes_out);
         }
+    }
+
+    /// Counts a request for an admin endpoint; nothing else about it is recorded.
+    pub fn record_admin_request(&self, endpoint: &'static str, status: StatusCode) {
+        self.admin_requests
+            .get_or_create(&AdminLabels {
+                endpoint,
+                status_class: status_class(status),
+            })
+            .inc();
     }
 }
 

@@ -26,13 +26,14 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use http_body::Body as _;
 use hyper::body::Incoming;
 
-use crate::admin;
+use crate::admin::{self, ListenerRole};
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
 use crate::budget::BudgetPermit;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{KindLabels, RouteLabels};
+use crate::request_id::UpstreamExchange;
 use crate::rewrite;
 use crate::routing::Route;
 use crate::state::{Generation, SharedState};
@@ -45,6 +46,8 @@ pub struct ConnectionInfo {
     pub peer: Option<SocketAddr>,
     /// The local address the connection was accepted on.
     pub local: Option<SocketAddr>,
+    /// Which listener accepted it: the main one or `admin.listen`.
+    pub listener: ListenerRole,
 }
 
 /// The route a request matched, left in response extensions for the access log.
@@ -122,9 +125,18 @@ async fn run_phases(
     let config = &generation.config;
     admit(config, connection)?;
     check_target(config, connection, &request)?;
-    // The proxy's own endpoints; no route can claim `/-/` (config validation refuses it).
-    if admin::is_admin_path(request.uri().path()) {
-        return admin::serve(state, generation, request.method(), request.uri().path()).await;
+    // The proxy's own endpoints; no route can claim `/-/` (config validation refuses it), and
+    // nothing on the admin listener reaches a route.
+    if admin::is_admin_request(connection.listener, request.uri().path()) {
+        let path = request.uri().path();
+        return admin::serve(
+            state,
+            generation,
+            connection.listener,
+            request.method(),
+            path,
+        )
+        .await;
     }
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
@@ -153,29 +165,26 @@ async fn run_phases(
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
     let response = forwarded?;
-    record_upstream(state, &route, started);
+    let head_after = started.elapsed();
+    record_upstream(state, &route, head_after);
     if let Some(attempt) = attempt {
         attempt.answered(response.status(), response.headers());
     }
-    Ok(rewrite_response(
-        generation,
-        &route,
-        client_host.as_ref(),
-        response,
-    ))
+    let exchange = UpstreamExchange::of(&response, head_after);
+    let mut response = rewrite_response(generation, &route, client_host.as_ref(), response);
+    response.extensions_mut().insert(exchange);
+    Ok(response)
 }
 
-/// Phase 1: only peers in `allowed_clients` are served. Unix-socket peers have no address and
-/// are admitted by the socket's file mode.
+/// Phase 1: only peers in `allowed_clients` (the admin listener's own on that listener) are
+/// served. Unix-socket peers have no address and are admitted by the socket's file mode.
 pub fn admit(config: &Config, connection: &ConnectionInfo) -> Result<(), ProxyError> {
+    let allowed = match connection.listener {
+        ListenerRole::Main { .. } => &config.server.allowed_clients,
+        ListenerRole::Admin => &config.admin.allowed_clients,
+    };
     match connection.peer {
-        Some(peer)
-            if !config
-                .server
-                .allowed_clients
-                .iter()
-                .any(|net| net.contains(&peer.ip())) =>
-        {
+        Some(peer) if !allowed.iter().any(|net| net.contains(&peer.ip())) => {
             Err(ProxyError::ClientNotAllowed(peer.ip().to_string()))
         }
         _ => Ok(()),
@@ -469,9 +478,9 @@ pub fn rewrite_response(
     Response::from_parts(parts, body)
 }
 
-/// Upstream latency, for answers that arrived (their `X-RateLimit-*` values go to the budget).
-/// Failures are counted in [`handle`], where every error ends up.
-fn record_upstream(state: &SharedState, route: &Route, started: Instant) {
+/// Upstream latency to the response head, for answers that arrived (their `X-RateLimit-*`
+/// values go to the budget). Failures are counted in [`handle`], where every error ends up.
+fn record_upstream(state: &SharedState, route: &Route, head_after: std::time::Duration) {
     state
         .metrics
         .upstream_latency
@@ -479,7 +488,7 @@ fn record_upstream(state: &SharedState, route: &Route, started: Instant) {
             route: route.prefix.clone(),
             credential: route.credential.name.clone(),
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(head_after.as_secs_f64());
 }
 
 fn log_error(error: &ProxyError) {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, ConfigError, ServerSettings};
+use crate::config::{Config, ConfigError, ListenAddr, ServerSettings};
 use crate::metrics::ResultLabels;
 use crate::state::SharedState;
 use crate::verify::{self, VerifyStatus};
@@ -46,6 +46,8 @@ pub struct ReloadHandle {
     started_with: Arc<ServerSettings>,
     /// The files whose events matter, read by the watcher's callback on notify's thread.
     relevant: Arc<ArcSwap<RelevantFiles>>,
+    /// The admin listener's addresses in force since start-up.
+    admin_started_with: Arc<[ListenAddr]>,
 }
 
 /// The files the config depends on, by the directory that is watched for them.
@@ -99,11 +101,21 @@ fn watched_directory(file: &Path) -> Option<PathBuf> {
     })
 }
 
-/// The `[server]` keys that differ from the running listeners' and need a restart.
+/// The `[server]` and `[admin]` keys that differ from the running listeners' and need a
+/// restart.
 fn startup_only_changes(
     running: &ServerSettings,
-    configured: &ServerSettings,
+    running_admin: &[ListenAddr],
+    configured: &Config,
 ) -> Vec<&'static str> {
+    let mut changed = listener_changes(running, &configured.server);
+    if running_admin != configured.admin.listen.as_slice() {
+        changed.push("admin.listen");
+    }
+    changed
+}
+
+fn listener_changes(running: &ServerSettings, configured: &ServerSettings) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if running.listen != configured.listen {
         changed.push("server.listen");
@@ -164,6 +176,18 @@ async fn fingerprint_off_thread(files: Vec<PathBuf>) -> Fingerprint {
         .unwrap_or_default()
 }
 
+/// The files whose fingerprint differs, comma-separated (every file when the lists differ,
+/// as after a reload that named other secret files).
+fn changed_files(files: &[PathBuf], now: &Fingerprint, before: &Fingerprint) -> String {
+    files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| now.len() != before.len() || now[*i] != before[*i])
+        .map(|(_, file)| crate::telemetry::resolved(file).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Failed directories are retried on every pass (a secret mount may appear later) but warned
 /// about once.
 enum DirectoryWatch {
@@ -179,13 +203,16 @@ struct Tasks {
 
 impl ReloadHandle {
     pub fn new(state: Arc<SharedState>) -> Self {
-        let started_with = Arc::new(state.current().config.server.clone());
+        let current = state.current();
+        let started_with = Arc::new(current.config.server.clone());
+        let admin_started_with = current.config.admin.listen.clone().into();
         ReloadHandle {
             state,
             tasks: Arc::default(),
             reloading: Arc::default(),
             started_with,
             relevant: Arc::default(),
+            admin_started_with,
         }
     }
 
@@ -195,6 +222,11 @@ impl ReloadHandle {
 
     /// Re-reads the config file and every secret, and installs the result if it is valid.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
+        self.reload_because("requested").await
+    }
+
+    /// [`reload`](Self::reload), logging what set it off: `SIGHUP`, or the files that changed.
+    async fn reload_because(&self, cause: &str) -> Result<u64, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.state.current();
         let path = current.config.path.clone();
@@ -206,11 +238,11 @@ impl ReloadHandle {
             Ok(config) => config,
             Err(error) => {
                 self.count("failed");
-                tracing::error!(error = %error, "config reload failed; still serving the previous config");
+                tracing::error!(config = %crate::telemetry::resolved(&current.config.path).display(), cause, error = %error, "config reload failed; still serving the previous config");
                 return Err(error);
             }
         };
-        let unapplied = startup_only_changes(&self.started_with, &config.server);
+        let unapplied = startup_only_changes(&self.started_with, &self.admin_started_with, &config);
         if !unapplied.is_empty() {
             tracing::warn!(
                 keys = %unapplied.join(", "),
@@ -222,7 +254,12 @@ impl ReloadHandle {
         }
         let generation = self.state.install(config);
         self.count("ok");
-        tracing::info!(generation, "config reloaded");
+        tracing::info!(
+            generation,
+            config = %crate::telemetry::resolved(&current.config.path).display(),
+            cause,
+            "config reloaded"
+        );
         self.start_verifiers();
         Ok(generation)
     }
@@ -336,16 +373,19 @@ impl ReloadHandle {
             // Taken before the reload reads the files, so a write racing the reload still
             // differs from it and triggers another one.
             let before = fingerprint_off_thread(files.clone()).await;
-            if hangup {
+            let cause = if hangup {
                 tracing::info!("SIGHUP received; reloading");
+                "SIGHUP".to_owned()
             } else if before == last_seen {
                 // Other files share these directories (logs, editors' swap files): reload
                 // only when a file the config depends on really changed.
                 continue;
             } else {
-                tracing::info!("a watched file changed; reloading");
-            }
-            let _ = self.reload().await;
+                let changed = changed_files(&files, &before, &last_seen);
+                tracing::info!(changed = %changed, "a watched file changed; reloading");
+                format!("changed: {changed}")
+            };
+            let _ = self.reload_because(&cause).await;
             let reloaded_files = self.state.current().config.watched_files();
             last_seen = if reloaded_files == files {
                 before
@@ -446,6 +486,31 @@ token = { file = "token" }
 prefix = "/2.0/repositories/acme/widgets"
 credential = "widgets-ci"
 "#;
+
+    #[test]
+    fn admin_listen_is_start_up_only_and_admin_allowed_clients_is_not() {
+        let config = |admin: &str| {
+            let text = format!(
+                "{admin}\n{}",
+                CONFIG.replace("{ file = \"token\" }", "{ value = \"t\" }")
+            );
+            Config::from_toml(std::path::Path::new("/etc/bbap/proxy.toml"), &text).unwrap()
+        };
+        let running = config("[admin]\nlisten = [\"127.0.0.1:9090\"]");
+        let changes =
+            |next: &Config| startup_only_changes(&running.server, &running.admin.listen, next);
+        assert!(
+            changes(&config(
+                "[admin]\nlisten = [\"127.0.0.1:9090\"]\nallowed_clients = [\"10.0.0.0/8\"]"
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            changes(&config("[admin]\nlisten = [\"127.0.0.1:9091\"]")),
+            ["admin.listen"]
+        );
+        assert_eq!(changes(&config("")), ["admin.listen"]);
+    }
 
     /// Without inotify the loop polls fingerprints, which see a sub-second replace-by-rename
     /// that a whole-second mtime comparison would miss.

@@ -1,23 +1,27 @@
-//! Logging: subscriber set-up and the access log, one structured line per request.
+//! Logging: subscriber set-up and the access log, one structured line per request, with the
+//! request's id (see `crate::request_id`) on it and on every line logged while serving it.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::admin::{self, ListenerRole};
 use crate::body::{BoxError, ByteCounter};
 use crate::error::REASON_HEADER;
 use crate::metrics::{Metrics, RequestRecord};
-use crate::proxy::MatchedRoute;
+use crate::proxy::{ConnectionInfo, MatchedRoute};
+use crate::request_id::{self, REQUEST_ID_HEADER, UpstreamExchange};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -61,25 +65,52 @@ pub fn init_logging(format: Option<LogFormat>) -> tracing_appender::non_blocking
         .with_ansi(format == LogFormat::Text && std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // The request's span (with its id) on each line, not the list of every enclosing one.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .try_init(),
     };
     guard
+}
+
+/// A path as logged: absolute and without symlinks when it can be resolved, so a line read
+/// away from the process's working directory still names the file.
+pub fn resolved(path: &std::path::Path) -> std::borrow::Cow<'_, std::path::Path> {
+    std::fs::canonicalize(path).map_or(std::borrow::Cow::Borrowed(path), std::borrow::Cow::Owned)
 }
 
 /// Request-body bytes, counted by the forwarding phase, read by the access log.
 #[derive(Clone)]
 pub struct RequestBytes(pub Arc<ByteCounter>);
 
-/// Tower layer that writes the access log line, and records request metrics, when the response
-/// body finishes or is dropped.
+/// Tower layer that gives each request its id and span, writes the access log line, and
+/// records request metrics, when the response body finishes or is dropped.
 #[derive(Clone)]
 pub struct AccessLogLayer {
     metrics: Arc<Metrics>,
+    peer: Option<SocketAddr>,
+    listener: ListenerRole,
 }
 
 impl AccessLogLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        AccessLogLayer { metrics }
+        AccessLogLayer {
+            metrics,
+            peer: None,
+            listener: ListenerRole::Main {
+                admin_elsewhere: false,
+            },
+        }
+    }
+
+    /// The connection the requests arrive on: its peer is logged, its listener decides which
+    /// requests are admin requests.
+    pub fn with_connection(mut self, connection: &ConnectionInfo) -> Self {
+        self.peer = connection.peer;
+        self.listener = connection.listener;
+        self
     }
 }
 
@@ -90,6 +121,8 @@ impl<S> Layer<S> for AccessLogLayer {
         AccessLog {
             inner,
             metrics: self.metrics.clone(),
+            peer: self.peer,
+            listener: self.listener,
         }
     }
 }
@@ -98,6 +131,8 @@ impl<S> Layer<S> for AccessLogLayer {
 pub struct AccessLog<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    peer: Option<SocketAddr>,
+    listener: ListenerRole,
 }
 
 impl<S, RequestBody, B> Service<Request<RequestBody>> for AccessLog<S>
@@ -116,8 +151,20 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let started = Instant::now();
+        // Set on the request, so it goes upstream as it is logged.
+        let request_id = request_id::take_or_make(request.headers());
+        request
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER, request_id.clone());
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default()
+        );
         let method = request.method().clone();
         let uri = request.uri().clone();
+        let admin_endpoint = admin::is_admin_request(self.listener, uri.path())
+            .then(|| admin::endpoint_label(uri.path()));
+        let user_agent = request.headers().get(header::USER_AGENT).cloned();
         // Most API calls have no body: they skip the counter and the extensions map it rides in.
         let bytes_in = (!request.body().is_end_stream()).then(|| {
             let counter = Arc::new(ByteCounter::default());
@@ -127,13 +174,20 @@ where
             counter
         });
         self.metrics.in_flight.inc();
+        let inner = span.in_scope(|| self.inner.call(request));
         AccessLogFuture {
-            inner: self.inner.call(request),
+            inner,
+            span: span.clone(),
             pending: Some(PendingRecord {
                 metrics: self.metrics.clone(),
                 started,
+                request_id,
+                span,
+                peer: self.peer,
                 method,
                 uri,
+                admin_endpoint,
+                user_agent,
                 bytes_in,
             }),
         }
@@ -144,8 +198,14 @@ where
 struct PendingRecord {
     metrics: Arc<Metrics>,
     started: Instant,
+    request_id: HeaderValue,
+    span: tracing::Span,
+    peer: Option<SocketAddr>,
     method: Method,
     uri: Uri,
+    /// The `endpoint` label when the request is for the proxy's own endpoints.
+    admin_endpoint: Option<&'static str>,
+    user_agent: Option<HeaderValue>,
     bytes_in: Option<Arc<ByteCounter>>,
 }
 
@@ -156,44 +216,48 @@ const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => panic!("499 is a valid status code"),
 };
 
+/// Where the request ended up: the route it matched and what the upstream answered, when
+/// it got that far, and the reason when the proxy answered itself.
+#[derive(Default)]
+struct Answer {
+    route: Option<MatchedRoute>,
+    upstream: Option<UpstreamExchange>,
+    reason: Option<String>,
+}
+
 impl PendingRecord {
     /// Dropping the returned record writes the access line and the request metrics.
-    fn into_record(
-        self,
-        status: StatusCode,
-        route: Option<MatchedRoute>,
-        reason: Option<String>,
-        outcome: Outcome,
-    ) -> AccessRecord {
+    fn into_record(self, status: StatusCode, answer: Answer, outcome: Outcome) -> AccessRecord {
         AccessRecord {
-            metrics: self.metrics,
-            started: self.started,
-            method: self.method,
-            uri: self.uri,
+            pending: self,
             status,
-            route,
-            reason,
-            bytes_in: self.bytes_in,
+            answer,
             bytes_out: 0,
             outcome,
         }
     }
 
     fn complete<B: Body>(self, response: Response<B>) -> Response<LoggedBody<B>> {
-        let (parts, body) = response.into_parts();
-        let route = parts.extensions.get::<MatchedRoute>().cloned();
-        let reason = parts
+        let (mut parts, body) = response.into_parts();
+        parts
             .headers
-            .get(REASON_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .insert(REQUEST_ID_HEADER, self.request_id.clone());
+        let answer = Answer {
+            route: parts.extensions.get::<MatchedRoute>().cloned(),
+            upstream: parts.extensions.remove::<UpstreamExchange>(),
+            reason: parts
+                .headers
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
         // hyper never polls a body that is already at its end (HEAD, 304, local errors).
         let outcome = if body.is_end_stream() {
             Outcome::Complete
         } else {
             Outcome::Incomplete
         };
-        let record = self.into_record(parts.status, route, reason, outcome);
+        let record = self.into_record(parts.status, answer, outcome);
         Response::from_parts(
             parts,
             LoggedBody {
@@ -206,9 +270,11 @@ impl PendingRecord {
 
 pin_project! {
     /// [`AccessLog`]'s response future: named, so the layer adds no allocation per request.
+    /// Polled inside the request's span, so every line logged on the way carries its id.
     pub struct AccessLogFuture<F> {
         #[pin]
         inner: F,
+        span: tracing::Span,
         pending: Option<PendingRecord>,
     }
 
@@ -216,7 +282,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Still pending: the connection went before the response head did.
             if let Some(pending) = this.project().pending.take() {
-                drop(pending.into_record(CLIENT_CLOSED, None, None, Outcome::Incomplete));
+                drop(pending.into_record(CLIENT_CLOSED, Answer::default(), Outcome::Incomplete));
             }
         }
     }
@@ -231,7 +297,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(response) = std::task::ready!(this.inner.poll(cx));
+        let Ok(response) = std::task::ready!(this.span.in_scope(|| this.inner.poll(cx)));
         let pending = this
             .pending
             .take()
@@ -250,41 +316,82 @@ enum Outcome {
 
 /// Everything the access line needs; logged on drop, so aborted transfers are logged too.
 struct AccessRecord {
-    metrics: Arc<Metrics>,
-    started: Instant,
-    method: Method,
-    uri: Uri,
+    pending: PendingRecord,
     status: StatusCode,
-    route: Option<MatchedRoute>,
-    reason: Option<String>,
-    bytes_in: Option<Arc<ByteCounter>>,
+    answer: Answer,
     bytes_out: u64,
     outcome: Outcome,
 }
 
+/// Whole microseconds: exact enough for any request, and an integer for log queries.
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The longest `User-Agent` logged; the rest is cut off (a head may carry 64 KiB).
+const MAX_USER_AGENT: usize = 256;
+
+fn user_agent(value: &HeaderValue) -> std::borrow::Cow<'_, str> {
+    let bytes = value.as_bytes();
+    let bytes = &bytes[..bytes.len().min(MAX_USER_AGENT)];
+    String::from_utf8_lossy(bytes)
+}
+
+/// The access line at a level chosen at run time (tracing's macros take a constant one).
+macro_rules! access_line {
+    ($level:expr, $($fields:tt)*) => {
+        if $level == tracing::Level::DEBUG {
+            tracing::debug!(target: "access", $($fields)*)
+        } else {
+            tracing::info!(target: "access", $($fields)*)
+        }
+    };
+}
+
 impl Drop for AccessRecord {
     fn drop(&mut self) {
-        let route = self.route.as_ref().map(|r| &r.0);
-        let duration = self.started.elapsed();
-        let bytes_in = self.bytes_in.as_ref().map_or(0, |counter| counter.get());
-        self.metrics.in_flight.dec();
-        self.metrics.record_request(&RequestRecord {
-            route: route.map(|r| (&r.prefix, &r.credential.name)),
-            method: &self.method,
-            status: self.status,
-            duration,
-            bytes_in,
-            bytes_out: self.bytes_out,
-        });
-        tracing::info!(
-            target: "access",
-            method = %self.method,
+        let pending = &self.pending;
+        let _in_request = pending.span.enter();
+        let route = self.answer.route.as_ref().map(|r| &r.0);
+        let upstream = self.answer.upstream.as_ref();
+        let duration = pending.started.elapsed();
+        let bytes_in = pending.bytes_in.as_ref().map_or(0, |counter| counter.get());
+        let metrics = &pending.metrics;
+        metrics.in_flight.dec();
+        match pending.admin_endpoint {
+            Some(endpoint) => metrics.record_admin_request(endpoint, self.status),
+            None => metrics.record_request(&RequestRecord {
+                route: route.map(|r| (&r.prefix, &r.credential.name)),
+                method: &pending.method,
+                status: self.status,
+                duration,
+                bytes_in,
+                bytes_out: self.bytes_out,
+            }),
+        }
+        // Probes and scrapes that succeed are routine: debug, not a line every few seconds.
+        let level = if pending.admin_endpoint.is_some() && self.status.as_u16() < 400 {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        };
+        access_line!(
+            level,
+            request_id = pending.request_id.to_str().unwrap_or_default(),
+            // A v4 client of a `[::]` listener as `10.0.0.7`, not `::ffff:10.0.0.7`.
+            client = pending.peer.map(|peer| tracing::field::display(peer.ip().to_canonical())),
+            method = %pending.method,
             // The query is left out: it may carry identifiers nobody meant to log.
-            path = self.uri.path(),
+            path = pending.uri.path(),
             route = route.map(|r| &*r.prefix),
             credential = route.map(|r| &*r.credential.name),
             status = self.status.as_u16(),
-            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream_status = upstream.map(|u| u.status.as_u16()),
+            upstream_head_us = upstream.map(|u| micros(u.head_after)),
+            upstream_request_id = upstream
+                .and_then(|u| u.request_id.as_ref())
+                .and_then(|id| id.to_str().ok()),
+            duration_us = micros(duration),
             bytes_in,
             bytes_out = self.bytes_out,
             outcome = match self.outcome {
@@ -292,7 +399,8 @@ impl Drop for AccessRecord {
                 Outcome::Failed => "failed",
                 Outcome::Incomplete => "incomplete",
             },
-            reason = self.reason.as_deref(),
+            reason = self.answer.reason.as_deref(),
+            user_agent = pending.user_agent.as_ref().map(|ua| tracing::field::display(user_agent(ua))),
             "request"
         );
     }
@@ -331,7 +439,7 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for LoggedBody<B> {
                 this.record.outcome = Outcome::Failed;
                 // A body the proxy itself aborted says why (`decompression-limit`).
                 if let Some(decode) = error.downcast_ref::<crate::rewrite::DecodeError>() {
-                    this.record.reason = Some(decode.reason().to_owned());
+                    this.record.answer.reason = Some(decode.reason().to_owned());
                 }
             }
             Poll::Ready(None) => this.record.outcome = Outcome::Complete,
@@ -451,5 +559,53 @@ mod tests {
         assert_eq!(lines[0]["outcome"], "complete");
         assert_eq!(lines[0]["bytes_in"], 0);
         assert_eq!(lines[0]["bytes_out"], 11);
+    }
+
+    #[tokio::test]
+    async fn the_request_id_reaches_the_service_and_the_client_and_probes_are_not_requests() {
+        let captured = Captured::default();
+        let _logging = tracing::subscriber::set_default(subscriber(&captured));
+        let metrics = Arc::new(Metrics::new());
+        let answer = tower::service_fn(|request: Request<Empty<Bytes>>| async move {
+            let id = request.headers()[REQUEST_ID_HEADER].clone();
+            Ok::<_, Infallible>(Response::new(ProxyBody::local(id.as_bytes().to_vec())))
+        });
+        let service = AccessLogLayer::new(metrics.clone()).layer(answer);
+        let request = Request::get("/-/health")
+            .header("x-request-id", "probe-7")
+            .body(Empty::new())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers()[REQUEST_ID_HEADER], "probe-7");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"probe-7", "the service saw another id");
+
+        let request = Request::get("/2.0/user")
+            .header("x-request-id", "not valid")
+            .body(Empty::new())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        let made = response.headers()[REQUEST_ID_HEADER].clone();
+        assert!(made != "not valid" && request_id::is_valid(made.as_bytes()));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], made.as_bytes());
+
+        let health =
+            r#"bitbucket_auth_proxy_admin_requests_total{endpoint="/-/health",status_class="2xx"}"#;
+        assert_eq!(sample(&metrics, health).as_deref(), Some("1"));
+        let text = metrics.encode();
+        let requests: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("bitbucket_auth_proxy_requests_total{"))
+            .collect();
+        assert_eq!(requests.len(), 1, "{text}");
+        assert!(requests[0].contains("method=\"GET\""), "{text}");
+        // The successful probe is below the subscriber's INFO; the other request is not.
+        let lines = captured.access_lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["path"], "/2.0/user");
+        assert_eq!(lines[0]["request_id"], made.to_str().unwrap());
+        assert_eq!(lines[0]["span"]["request_id"], made.to_str().unwrap());
     }
 }

@@ -19,6 +19,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub upstream: UpstreamSection,
     #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
     pub credentials: BTreeMap<String, CredentialSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
@@ -37,6 +39,14 @@ pub struct ServerSection {
     pub max_concurrent_streams: Option<u32>,
     pub header_read_timeout: Option<String>,
     pub send_timeout: Option<String>,
+}
+
+/// `[admin]`: a separate listener for `/-/health`, `/-/ready` and `/-/metrics`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<Vec<String>>,
+    pub allowed_clients: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -2,6 +2,7 @@
 //! proxy runs on. Every problem is reported at once, each naming the file, the key and what
 //! would be valid.
 
+mod admin;
 mod file;
 mod validate;
 
@@ -30,6 +31,8 @@ pub const CONFIG_ENV: &str = "BITBUCKET_AUTH_PROXY_CONFIG";
 pub struct Config {
     pub path: PathBuf,
     pub server: ServerSettings,
+    /// `[admin]`: where the admin endpoints are served when not on `server.listen`.
+    pub admin: AdminSettings,
     pub upstream: UpstreamSettings,
     pub credentials: Vec<Arc<Credential>>,
     pub routes: RouteTable,
@@ -58,6 +61,22 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// How long a write to a client may make no progress (a client that stopped reading).
     pub send_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// `admin.listen`; empty: the admin endpoints follow `server.listen` and
+    /// `server.allowed_clients`, as without an `[admin]` section.
+    pub listen: Vec<ListenAddr>,
+    /// `admin.allowed_clients`, checked on the admin listener only (default: loopback).
+    pub allowed_clients: Vec<IpNet>,
+}
+
+impl AdminSettings {
+    /// Whether the admin endpoints have a listener of their own.
+    pub fn is_separate(&self) -> bool {
+        !self.listen.is_empty()
+    }
 }
 
 /// A `server.listen` entry: `"host:port"` or `"unix:/path"`.

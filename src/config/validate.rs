@@ -50,6 +50,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let base_dir = path.parent().unwrap_or(Path::new("."));
 
     let server = server_settings(&mut issues, &file);
+    let admin = super::admin::admin_settings(&file.admin, &server, &mut issues.issues);
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
@@ -58,6 +59,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
         Ok(Config {
             path: path.to_owned(),
             server,
+            admin,
             upstream,
             credentials: credentials.into_values().flatten().collect(),
             routes,
@@ -119,10 +121,7 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
     );
 
     let allowed_clients = match &file.server.allowed_clients {
-        None => vec![
-            "127.0.0.0/8".parse().expect("valid CIDR"),
-            "::1/128".parse().expect("valid CIDR"),
-        ],
+        None => loopback_clients(),
         Some(specs) => specs
             .iter()
             .enumerate()
@@ -197,7 +196,15 @@ fn server_settings(issues: &mut Issues, file: &ConfigFile) -> ServerSettings {
     }
 }
 
-fn parse_listen(spec: &str) -> Option<ListenAddr> {
+/// The default `allowed_clients`: this host only.
+pub(super) fn loopback_clients() -> Vec<IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("valid CIDR"),
+        "::1/128".parse().expect("valid CIDR"),
+    ]
+}
+
+pub(super) fn parse_listen(spec: &str) -> Option<ListenAddr> {
     match spec.strip_prefix("unix:") {
         Some(path) if path.starts_with('/') => Some(ListenAddr::Unix(path.into())),
         Some(_) => None,
@@ -239,7 +246,7 @@ fn parse_duration(
     }
 }
 
-fn parse_cidr(spec: &str) -> Option<IpNet> {
+pub(super) fn parse_cidr(spec: &str) -> Option<IpNet> {
     spec.parse::<IpNet>()
         .ok()
         .or_else(|| spec.parse::<IpAddr>().ok().map(IpNet::from))
