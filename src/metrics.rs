@@ -79,6 +79,7 @@ pub struct Metrics {
     pub ratelimit_local_sent: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_remaining: Family<CredentialLabels, Gauge>,
     pub ratelimit_local_refused: Family<CredentialLabels, Counter>,
+    pub cache: crate::cache::stats::CacheMetrics,
     /// The empty route and credential label of requests no route took (admin paths, 404s),
     /// allocated once rather than per request.
     no_route: Arc<str>,
@@ -110,6 +111,7 @@ impl Metrics {
             ratelimit_local_sent: Family::default(),
             ratelimit_local_remaining: Family::default(),
             ratelimit_local_refused: Family::default(),
+            cache: Default::default(),
             registry: Registry::with_prefix("bitbucket_auth_proxy"),
         };
         metrics.registry.register(
@@ -192,6 +194,7 @@ impl Metrics {
             "Requests refused locally with 429 by the credential's rate_limit",
             metrics.ratelimit_local_refused.clone(),
         );
+        metrics.cache.register(&mut metrics.registry);
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&BuildLabels {

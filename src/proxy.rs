@@ -6,6 +6,8 @@
 //!    under `/-/` are the proxy's own endpoints and go to [`crate::admin`] instead.
 //! 3. [`authorize_method`] — the route's `methods` list, before any body byte is read.
 //!    [`govern`] — the credential's `rate_limit`, answered locally with 429 when spent.
+//!    [`cache_phase`] — identical GET/HEAD requests share one upstream request, and stored
+//!    answers are served ([`crate::cache`]); writes drop their repository's entries.
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
 //! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
 //! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
@@ -26,10 +28,11 @@ use hyper::body::Incoming;
 
 use crate::admin;
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
+use crate::cache::{self, Plan};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{CredentialLabels, KindLabels, RouteLabels};
+use crate::metrics::{CredentialLabels, KindLabels, Metrics, RouteLabels};
 use crate::rewrite;
 use crate::routing::Route;
 use crate::state::{Generation, SharedState};
@@ -111,7 +114,7 @@ pub async fn handle(
 
 async fn run_phases(
     state: &SharedState,
-    generation: &Generation,
+    generation: &Arc<Generation>,
     connection: &ConnectionInfo,
     request: Request<Incoming>,
     matched: &mut Option<Arc<Route>>,
@@ -126,14 +129,75 @@ async fn run_phases(
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
-    govern(state, generation, &route)?;
     let client_host = client_origin_host(&request);
+    let plan = generation.cache.plan(&route, &request);
+    let client = cache::Client {
+        generation,
+        route: &route,
+        host: client_host.as_ref(),
+        metrics: &state.metrics,
+    };
+    if let Err(refused) = govern(state, generation, &route) {
+        // A stored answer costs no budget: it may still answer a refused request.
+        return match &plan {
+            Plan::Shared(lookup) => generation
+                .cache
+                .answer_refusal(&client, lookup, &refused)
+                .ok_or(refused),
+            Plan::Bypass(_) => Err(refused),
+        };
+    }
+    match plan {
+        Plan::Shared(lookup) => cache_phase(&client, lookup, request).await,
+        Plan::Bypass(status) => {
+            let upstream_path = route.upstream_path(request.uri().path());
+            let method = request.method().clone();
+            generation.cache.note_write(&route, &method, &upstream_path);
+            let response = fetch_upstream(generation, &state.metrics, &route, request).await;
+            generation.cache.note_write(&route, &method, &upstream_path);
+            let mut response =
+                rewrite_response(generation, &route, client_host.as_ref(), response?);
+            status.mark(&mut response);
+            Ok(response)
+        }
+    }
+}
+
+/// Phase 3c: answers a GET/HEAD that may be shared from the cache, from an identical request
+/// in flight, or through its own upstream request, which then runs in a task of its own so it
+/// completes for the requests that joined it even if this client leaves.
+///
+/// A governor that counted this request in [`govern`] may give the budget back when the
+/// response's [`cache::CacheStatus::served_locally`] is true (a hit or a coalesced follower).
+pub async fn cache_phase(
+    client: &cache::Client<'_>,
+    lookup: cache::Lookup,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let generation = client.generation.clone();
+    let metrics = client.metrics.clone();
+    let route = client.route.clone();
+    let cache = generation.cache.clone();
+    let fetch =
+        move |request| async move { fetch_upstream(&generation, &metrics, &route, request).await };
+    cache.respond(client, lookup, request, fetch).await
+}
+
+/// Phases 4 and 5 for one request: the credential, the upstream request, and one renewal
+/// and resend when Bitbucket refuses an OAuth token the proxy believed valid.
+pub async fn fetch_upstream(
+    generation: &Generation,
+    metrics: &Metrics,
+    route: &Arc<Route>,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let config = &generation.config;
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
     let authorization = credential
         .authorization(route.upstream, &generation.client, timeout)
         .await?;
-    let upstream_request = inject_credential(config, &route, authorization.clone(), request)?;
+    let upstream_request = inject_credential(config, route, authorization.clone(), request)?;
     let replay = Replay::of(&upstream_request);
     let started = Instant::now();
     let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
@@ -154,13 +218,8 @@ async fn run_phases(
         forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
     }
     let response = forwarded?;
-    record_upstream(state, &route, started, &response);
-    Ok(rewrite_response(
-        generation,
-        &route,
-        client_host.as_ref(),
-        response,
-    ))
+    record_upstream(metrics, route, started, &response);
+    Ok(response)
 }
 
 /// Phase 1: only peers in `allowed_clients` are served. Unix-socket peers have no address and
@@ -482,22 +541,19 @@ pub fn rewrite_response(
 /// Upstream latency and the last `X-RateLimit-*` values, for answers that arrived. Failures are
 /// counted in [`handle`], where every error ends up.
 fn record_upstream(
-    state: &SharedState,
+    metrics: &Metrics,
     route: &Route,
     started: Instant,
     response: &Response<Incoming>,
 ) {
-    state
-        .metrics
+    metrics
         .upstream_latency
         .get_or_create(&RouteLabels {
             route: route.prefix.clone(),
             credential: route.credential.name.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .record_rate_limit(&route.credential.name, response.headers());
+    metrics.record_rate_limit(&route.credential.name, response.headers());
 }
 
 fn log_error(error: &ProxyError) {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::governor::Governor;
 use crate::metrics::Metrics;
@@ -23,6 +24,9 @@ pub struct Generation {
     /// Each credential's governor, by name. Governors outlive generations: a reload keeps
     /// counting what was sent in the last hour.
     pub governors: HashMap<Arc<str>, Arc<Governor>>,
+    /// The response cache and the upstream requests in flight; a reload starts an empty one,
+    /// so no answer outlives the routes and credentials it was fetched with.
+    pub cache: Arc<Cache>,
 }
 
 impl Generation {
@@ -51,8 +55,10 @@ impl Generation {
                 (credential.name.clone(), governor)
             })
             .collect();
+        let cache = Arc::new(Cache::new(config.cache));
         Generation {
             number,
+            cache,
             config: Arc::new(config),
             client,
             patterns,

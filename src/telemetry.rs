@@ -15,6 +15,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{BoxError, ByteCounter};
+use crate::cache::CacheStatus;
 use crate::error::REASON_HEADER;
 use crate::metrics::{Metrics, RequestRecord};
 use crate::proxy::MatchedRoute;
@@ -155,6 +156,7 @@ impl PendingRecord {
         status: StatusCode,
         route: Option<MatchedRoute>,
         reason: Option<String>,
+        cache: Option<CacheStatus>,
         outcome: Outcome,
     ) -> AccessRecord {
         AccessRecord {
@@ -165,6 +167,7 @@ impl PendingRecord {
             status,
             route,
             reason,
+            cache,
             bytes_in: self.bytes_in,
             bytes_out: 0,
             outcome,
@@ -185,7 +188,8 @@ impl PendingRecord {
         } else {
             Outcome::Incomplete
         };
-        let record = self.into_record(parts.status, route, reason, outcome);
+        let cache = parts.extensions.get::<CacheStatus>().copied();
+        let record = self.into_record(parts.status, route, reason, cache, outcome);
         Response::from_parts(
             parts,
             LoggedBody {
@@ -208,7 +212,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Still pending: the connection went before the response head did.
             if let Some(pending) = this.project().pending.take() {
-                drop(pending.into_record(CLIENT_CLOSED, None, None, Outcome::Incomplete));
+                drop(pending.into_record(CLIENT_CLOSED, None, None, None, Outcome::Incomplete));
             }
         }
     }
@@ -249,6 +253,8 @@ struct AccessRecord {
     status: StatusCode,
     route: Option<MatchedRoute>,
     reason: Option<String>,
+    /// How the response cache answered (`hit`, `miss`, `coalesced`, ...), when it took part.
+    cache: Option<CacheStatus>,
     bytes_in: Option<Arc<ByteCounter>>,
     bytes_out: u64,
     outcome: Outcome,
@@ -285,6 +291,7 @@ impl Drop for AccessRecord {
                 Outcome::Incomplete => "incomplete",
             },
             reason = self.reason.as_deref(),
+            cache = self.cache.map(CacheStatus::as_str),
             "request"
         );
     }

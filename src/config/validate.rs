@@ -25,14 +25,14 @@ use crate::routing::{Route, RouteTable, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
-struct Issues {
+pub(super) struct Issues {
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
     secret_sources: Vec<(String, SecretSource)>,
 }
 
 impl Issues {
-    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.issues.push(ConfigIssue {
             key: key.into(),
             message: message.into(),
@@ -53,6 +53,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
+    let cache = super::cache::cache_limits(&mut issues, &file.cache);
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -61,6 +62,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             upstream,
             credentials: credentials.into_values().flatten().collect(),
             routes,
+            cache,
             secret_sources: issues.secret_sources,
             warnings: issues.warnings,
         })
@@ -196,7 +198,7 @@ fn parse_listen(spec: &str) -> Option<ListenAddr> {
     }
 }
 
-fn parse_duration(
+pub(super) fn parse_duration(
     issues: &mut Issues,
     key: &str,
     value: Option<&str>,
@@ -784,6 +786,8 @@ fn routes(
             );
             ok = false;
         }
+        let route_cache =
+            super::cache::route_cache_policy(issues, &format!("{key}.cache"), &section.cache);
         if let (true, Some(credential)) = (ok, credential) {
             let allow_header = methods.as_ref().map(|methods| {
                 let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
@@ -797,6 +801,8 @@ fn routes(
                 methods,
                 allow_header,
                 rewrite_links: section.rewrite_links.unwrap_or(true),
+                coalesce: section.coalesce.unwrap_or(true),
+                cache: route_cache,
             }));
         }
     }
