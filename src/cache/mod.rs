@@ -39,7 +39,7 @@ use crate::routing::Route;
 use crate::state::Generation;
 use coalesce::{Filled, Flight, Head, Ready};
 use key::Key;
-use policy::{Bypass, CacheLimits, ClientDirectives};
+use policy::{Bypass, CacheLimits, ClientDirectives, Freshness};
 use store::{Entry, Store};
 
 /// The RFC 9211 cache name in `Cache-Status`.
@@ -128,8 +128,8 @@ pub enum Plan {
 /// A request that takes part: its key and what may be done with its answer.
 pub struct Lookup {
     key: Key,
-    /// How long a stored answer stays fresh on this route; `Err` when none is stored.
-    freshness: Result<Option<Duration>, ()>,
+    /// How long a stored answer stays fresh on this route; `None` when none is stored.
+    freshness: Option<Freshness>,
     directives: ClientDirectives,
     scope: Option<Box<str>>,
 }
@@ -241,7 +241,7 @@ impl Cache {
         };
         let upstream_path = route.upstream_path(request.uri().path());
         let freshness = if self.limits.max_bytes == 0 {
-            Err(())
+            None
         } else {
             policy::freshness(
                 &route.cache,
@@ -250,7 +250,7 @@ impl Cache {
                 &upstream_path,
             )
         };
-        if freshness.is_err() && !route.coalesce {
+        if freshness.is_none() && !route.coalesce {
             return Plan::Bypass(CacheStatus::Bypass);
         }
         let scope = key::repository_scope(route.upstream, &upstream_path);
@@ -306,12 +306,10 @@ impl Cache {
         lookup: &Lookup,
         now: Instant,
     ) -> Option<Result<Arc<Entry>, Arc<Entry>>> {
-        let Ok(freshness) = lookup.freshness else {
-            return None;
-        };
+        let freshness = lookup.freshness?;
         let mut store = lock(&self.store);
         let entry = store.get(&lookup.key)?;
-        let Some(max_age) = freshness else {
+        let Freshness::MaxAge(max_age) = freshness else {
             return Some(Ok(entry));
         };
         let age = entry.age(now);
@@ -338,10 +336,10 @@ impl Cache {
         let now = Instant::now();
         match self.stored(client, lookup, now)? {
             Ok(entry) if lookup.directives.read_store => {
-                Some(self.from_entry(client, lookup, &entry, CacheStatus::Hit, None, now))
+                Some(self.entry_response(client, lookup, &entry, CacheStatus::Hit, None, now))
             }
             Ok(entry) | Err(entry) if policy::serves_stale_on_error(refusal) => {
-                Some(self.from_entry(client, lookup, &entry, CacheStatus::Stale, None, now))
+                Some(self.entry_response(client, lookup, &entry, CacheStatus::Stale, None, now))
             }
             _ => None,
         }
@@ -364,7 +362,14 @@ impl Cache {
         let mut stale = None;
         match self.stored(client, &lookup, now) {
             Some(Ok(entry)) if lookup.directives.read_store => {
-                return Ok(self.from_entry(client, &lookup, &entry, CacheStatus::Hit, None, now));
+                return Ok(self.entry_response(
+                    client,
+                    &lookup,
+                    &entry,
+                    CacheStatus::Hit,
+                    None,
+                    now,
+                ));
             }
             Some(Err(entry)) => stale = Some(entry),
             _ => {}
@@ -398,7 +403,7 @@ impl Cache {
                     if let Some(entry) = &stale
                         && policy::serves_stale_on_status(head.status)
                     {
-                        return Ok(self.from_entry(
+                        return Ok(self.entry_response(
                             client,
                             &lookup,
                             entry,
@@ -430,7 +435,7 @@ impl Cache {
                     if let Some(entry) = &stale
                         && policy::serves_stale_on_error(&error)
                     {
-                        return Ok(self.from_entry(
+                        return Ok(self.entry_response(
                             client,
                             &lookup,
                             entry,
@@ -462,7 +467,7 @@ impl Cache {
         Fut: Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static,
     {
         let started = lock(&self.epochs).seq;
-        let keep = lookup.freshness.is_ok() && lookup.directives.write_store;
+        let keep = lookup.freshness.is_some() && lookup.directives.write_store;
         let cache = self.clone();
         let key = lookup.key.clone();
         let scope = lookup.scope.clone();
@@ -521,7 +526,7 @@ impl Cache {
         drop(epochs);
     }
 
-    fn from_entry(
+    fn entry_response(
         &self,
         client: &Client<'_>,
         lookup: &Lookup,
@@ -537,7 +542,9 @@ impl Cache {
         };
         let age = entry.age(now);
         let ttl = match (status, lookup.freshness) {
-            (CacheStatus::Hit, Ok(Some(max_age))) => Some(max_age.saturating_sub(age)),
+            (CacheStatus::Hit, Some(Freshness::MaxAge(max_age))) => {
+                Some(max_age.saturating_sub(age))
+            }
             _ => None,
         };
         let body = if lookup.key.head {

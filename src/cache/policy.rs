@@ -57,21 +57,30 @@ impl Default for RouteCachePolicy {
     }
 }
 
-/// How long a stored answer to a request stays fresh on a route: `None` for ever (immutable),
-/// `Some(max_age)`, or not cacheable at all (`Err`).
+/// How long a stored answer stays fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// For ever: an [immutable](is_immutable) path.
+    Immutable,
+    /// The route's `max_age`.
+    MaxAge(Duration),
+}
+
+/// How long a stored answer to a request stays fresh on a route; `None` when the answer is
+/// not stored at all.
 pub fn freshness(
     policy: &RouteCachePolicy,
     upstream: UpstreamKind,
     method: &Method,
     path: &str,
-) -> Result<Option<Duration>, ()> {
+) -> Option<Freshness> {
     if *method != Method::GET {
-        return Err(());
+        return None;
     }
     if policy.immutable && is_immutable(upstream, path) {
-        return Ok(None);
+        return Some(Freshness::Immutable);
     }
-    policy.max_age.map(Some).ok_or(())
+    policy.max_age.map(Freshness::MaxAge)
 }
 
 /// Whether an upstream path names a resource that pins every commit it depends on with a full
@@ -248,16 +257,16 @@ pub fn serves_stale_on_status(status: StatusCode) -> bool {
 
 /// Failures after which a stale entry may be served instead (`stale_if_error`): the upstream
 /// could not be reached or did not answer, or the proxy's own budget refused the request.
-/// A cool-down refusal joins here as one more arm.
+/// A cool-down refusal joins here as one more pattern.
 pub fn serves_stale_on_error(error: &ProxyError) -> bool {
-    match error {
+    matches!(
+        error,
         ProxyError::UpstreamUnreachable(_)
-        | ProxyError::UpstreamTls(_)
-        | ProxyError::UpstreamTimeout(_)
-        | ProxyError::Token(_)
-        | ProxyError::RateLimited { .. } => true,
-        _ => false,
-    }
+            | ProxyError::UpstreamTls(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Token(_)
+            | ProxyError::RateLimited { .. }
+    )
 }
 
 #[cfg(test)]
@@ -317,23 +326,23 @@ mod tests {
         let list = "/2.0/repositories/acme/widgets/pullrequests";
         assert_eq!(
             freshness(&default, UpstreamKind::Api, &Method::GET, &src),
-            Ok(None)
+            Some(Freshness::Immutable)
         );
-        assert!(freshness(&default, UpstreamKind::Api, &Method::GET, list).is_err());
-        assert!(freshness(&default, UpstreamKind::Api, &Method::HEAD, &src).is_err());
+        assert!(freshness(&default, UpstreamKind::Api, &Method::GET, list).is_none());
+        assert!(freshness(&default, UpstreamKind::Api, &Method::HEAD, &src).is_none());
         let micro = RouteCachePolicy {
             max_age: Some(Duration::from_secs(5)),
             ..default
         };
         assert_eq!(
             freshness(&micro, UpstreamKind::Api, &Method::GET, list),
-            Ok(Some(Duration::from_secs(5)))
+            Some(Freshness::MaxAge(Duration::from_secs(5)))
         );
         let off = RouteCachePolicy {
             immutable: false,
             ..default
         };
-        assert!(freshness(&off, UpstreamKind::Api, &Method::GET, &src).is_err());
+        assert!(freshness(&off, UpstreamKind::Api, &Method::GET, &src).is_none());
     }
 
     #[test]

@@ -215,16 +215,14 @@ pub fn rewrite(
 ) -> ProxyBody {
     match rewrite_any(config, patterns, route, client_host, parts, body) {
         Rewritten::Plain(body) => ProxyBody::Upstream { body },
-        Rewritten::Body(body) => ProxyBody::Rewritten {
-            body: Box::pin(body),
-        },
+        Rewritten::Body(body) => ProxyBody::Rewritten { body },
     }
 }
 
 /// A body as it goes to the client: unchanged, or through the rewriter.
 pub enum Rewritten<B> {
     Plain(B),
-    Body(RewriteBody<B>),
+    Body(Pin<Box<RewriteBody<B>>>),
 }
 
 /// [`rewrite`] for any body: the response cache rewrites a stored or shared upstream body
@@ -275,14 +273,14 @@ pub fn rewrite_any<B: Body<Data = Bytes, Error = BoxError>>(
     // The length changes with every rewritten URL; framing falls back to chunked / h2 frames.
     parts.headers.remove(header::CONTENT_LENGTH);
     weaken_etag(&mut parts.headers);
-    Rewritten::Body(RewriteBody {
+    Rewritten::Body(Box::pin(RewriteBody {
         inner: body,
         rewriter,
         decoder,
         pending: Bytes::new(),
         trailers: None,
         done: false,
-    })
+    }))
 }
 
 /// `server.public_url`, else `http://` + the request's `Host` when it is a plain authority.
