@@ -331,12 +331,25 @@ async fn a_write_drops_the_entries_of_its_repository() {
         "bitbucket-auth-proxy; fwd=miss"
     );
     text(listed).await;
-    text(get_with(proxy.addr, &pinned, &[]).await).await;
-    assert_eq!(upstream.count(), 6, "both entries of acme/gadgets went");
+    assert_eq!(upstream.count(), 5, "the list of acme/gadgets went");
     let untouched = get_with(proxy.addr, other, &[]).await;
     assert!(header(&untouched, "cache-status").contains("hit"));
     text(untouched).await;
-    assert_eq!(upstream.count(), 6, "another repository's entry stays");
+    let pinned_hit = get_with(proxy.addr, &pinned, &[]).await;
+    assert!(
+        header(&pinned_hit, "cache-status").contains("hit"),
+        "no write changes a commit"
+    );
+    text(pinned_hit).await;
+    assert_eq!(upstream.count(), 5, "another repository's entry stays");
+
+    // Deleting the repository drops even what a commit pinned.
+    let delete = Request::delete("/micro/gadgets")
+        .body(empty_body())
+        .unwrap();
+    text(send(proxy.addr, delete).await.unwrap()).await;
+    text(get_with(proxy.addr, &pinned, &[]).await).await;
+    assert_eq!(upstream.count(), 7);
 }
 
 #[tokio::test]

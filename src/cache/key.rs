@@ -106,6 +106,20 @@ pub fn repository_scope(upstream: UpstreamKind, path: &str) -> Option<Box<str>> 
     (!repo.is_empty()).then(|| format!("{workspace}/{repo}").into())
 }
 
+/// Whether an upstream path is a repository object itself (`[/2.0]/repositories/{ws}/{repo}`):
+/// a write there renames, transfers or deletes the repository.
+pub fn is_repository_itself(upstream: UpstreamKind, path: &str) -> bool {
+    if upstream != UpstreamKind::Api {
+        return false;
+    }
+    let path = path.strip_prefix("/2.0").unwrap_or(path);
+    let Some(rest) = path.strip_prefix("/repositories/") else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    segments.len() == 2 && segments.iter().all(|s| !s.is_empty())
+}
+
 fn normalise_segment(segment: &str) -> Option<String> {
     if segment.is_empty() {
         return None;
@@ -143,6 +157,18 @@ mod tests {
             repository_scope(UpstreamKind::Api, "/2.0/repositories/acme"),
             None
         );
+        assert!(is_repository_itself(
+            UpstreamKind::Api,
+            "/2.0/repositories/acme/widgets"
+        ));
+        assert!(!is_repository_itself(
+            UpstreamKind::Api,
+            "/2.0/repositories/acme/widgets/pullrequests"
+        ));
+        assert!(!is_repository_itself(
+            UpstreamKind::Api,
+            "/2.0/repositories/acme"
+        ));
         assert_eq!(
             repository_scope(UpstreamKind::Api, "/2.0/workspaces/acme/projects"),
             None

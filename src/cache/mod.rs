@@ -10,8 +10,10 @@
 //! Every client's response is built from the shared upstream bytes by the link rewriter for
 //! that client's route and host.
 //!
-//! A write (any method but GET, HEAD, OPTIONS, TRACE) drops the entries of its repository,
-//! and stops new requests from joining upstream requests that started before it.
+//! A write (any method but GET, HEAD, OPTIONS, TRACE) drops the mutable entries of its
+//! repository (and those that belong to no repository), and stops new requests from joining
+//! upstream requests that started before it. Immutable entries go only with a write to the
+//! repository itself (a rename, transfer or deletion): no other write changes a commit.
 //!
 //! The cache belongs to one config generation: a reload starts an empty one.
 
@@ -160,47 +162,68 @@ struct Epochs {
     /// The last write outside every repository.
     global: u64,
     scopes: HashMap<Box<str>, u64>,
+    /// The last write to each repository object itself.
+    repositories: HashMap<Box<str>, u64>,
 }
 
 /// Bounds the per-repository record; past it every older answer counts as preceded by a write.
 const MAX_SCOPES: usize = 4096;
 
 impl Epochs {
-    fn record(&mut self, scope: Option<&str>) {
+    fn record(&mut self, write: &Write) {
         self.seq += 1;
         self.any = self.seq;
-        match scope {
-            Some(scope) => {
-                if self.scopes.len() >= MAX_SCOPES {
-                    self.scopes.clear();
-                    self.global = self.seq;
-                }
-                self.scopes.insert(scope.into(), self.seq);
-            }
-            None => self.global = self.seq,
+        let Some(scope) = write.scope.as_deref() else {
+            self.global = self.seq;
+            return;
+        };
+        if self.scopes.len() >= MAX_SCOPES || self.repositories.len() >= MAX_SCOPES {
+            // Forgetting which repository was written means treating every one as written.
+            self.scopes.clear();
+            self.repositories.clear();
+            self.global = self.seq;
+            self.repositories.insert("".into(), self.seq);
+        }
+        self.scopes.insert(scope.into(), self.seq);
+        if write.repository_itself {
+            self.repositories.insert(scope.into(), self.seq);
         }
     }
 
     /// Whether no write that would have dropped an entry fetched since `started` happened.
     fn unchanged_since(&self, started: u64, scope: Option<&str>, immutable: bool) -> bool {
-        match scope {
-            None => self.any <= started,
-            Some(scope) => {
-                (immutable || self.global <= started)
-                    && self.scopes.get(scope).is_none_or(|&at| at <= started)
-            }
+        let before = |map: &HashMap<Box<str>, u64>, scope: &str| {
+            map.get(scope).is_none_or(|&at| at <= started)
+                && map.get("").is_none_or(|&at| at <= started)
+        };
+        match (scope, immutable) {
+            (None, _) => self.any <= started,
+            (Some(scope), true) => before(&self.repositories, scope),
+            (Some(scope), false) => self.global <= started && before(&self.scopes, scope),
         }
     }
 }
 
-/// Whether a write to `written` drops an entry of `scope`: its own repository's, and every
-/// mutable entry that belongs to none (lists across repositories) or, for a write outside
-/// every repository, all mutable entries.
-fn dropped_by(written: Option<&str>, scope: Option<&str>, immutable: bool) -> bool {
-    match (written, scope) {
-        (Some(w), Some(s)) => w == s,
-        (_, None) => true,
-        (None, Some(_)) => !immutable,
+/// A write as far as the cache is concerned.
+struct Write {
+    /// The repository written to; `None` outside every repository.
+    scope: Option<Box<str>>,
+    /// The repository object itself (`PUT`/`DELETE .../repositories/{ws}/{repo}`).
+    repository_itself: bool,
+}
+
+impl Write {
+    /// Whether this write drops an entry of `scope`: a mutable entry of its repository, or
+    /// that belongs to none (lists across repositories); for a write outside every repository,
+    /// every mutable entry; an immutable entry only with its repository itself.
+    fn drops(&self, scope: Option<&str>, immutable: bool) -> bool {
+        match (self.scope.as_deref(), scope) {
+            (_, None) => true,
+            (Some(written), Some(scope)) => {
+                written == scope && (!immutable || self.repository_itself)
+            }
+            (None, Some(_)) => !immutable,
+        }
     }
 }
 
@@ -285,14 +308,15 @@ impl Cache {
         ) {
             return;
         }
-        let written = key::repository_scope(route.upstream, upstream_path);
-        let written = written.as_deref();
-        lock(&self.epochs).record(written);
+        let write = Write {
+            scope: key::repository_scope(route.upstream, upstream_path),
+            repository_itself: key::is_repository_itself(route.upstream, upstream_path),
+        };
+        lock(&self.epochs).record(&write);
         let in_scope = |key: &Key| {
             let path = key.target.split('?').next().unwrap_or_default();
             let scope = key::repository_scope(key.upstream, path);
-            let immutable = policy::is_immutable(key.upstream, path);
-            dropped_by(written, scope.as_deref(), immutable)
+            write.drops(scope.as_deref(), policy::is_immutable(key.upstream, path))
         };
         lock(&self.flights).retain(|key, _| !in_scope(key));
         lock(&self.store).retain(|key, _| !in_scope(key));
@@ -609,17 +633,28 @@ where
 mod tests {
     use super::*;
 
+    fn write(scope: Option<&str>, repository_itself: bool) -> Write {
+        Write {
+            scope: scope.map(Into::into),
+            repository_itself,
+        }
+    }
+
     #[test]
     fn writes_drop_their_repository_and_cross_repository_lists() {
-        assert!(dropped_by(Some("acme/widgets"), Some("acme/widgets"), true));
-        assert!(!dropped_by(
-            Some("acme/widgets"),
-            Some("acme/gadgets"),
-            false
-        ));
-        assert!(dropped_by(Some("acme/widgets"), None, false));
-        assert!(dropped_by(None, Some("acme/gadgets"), false));
-        assert!(!dropped_by(None, Some("acme/gadgets"), true));
+        let status = write(Some("acme/widgets"), false);
+        assert!(status.drops(Some("acme/widgets"), false));
+        assert!(
+            !status.drops(Some("acme/widgets"), true),
+            "a commit did not change"
+        );
+        assert!(!status.drops(Some("acme/gadgets"), false));
+        assert!(status.drops(None, false));
+        let deletion = write(Some("acme/widgets"), true);
+        assert!(deletion.drops(Some("acme/widgets"), true));
+        let outside = write(None, false);
+        assert!(outside.drops(Some("acme/gadgets"), false));
+        assert!(!outside.drops(Some("acme/gadgets"), true));
     }
 
     #[test]
@@ -627,14 +662,17 @@ mod tests {
         let mut epochs = Epochs::default();
         let started = epochs.seq;
         assert!(epochs.unchanged_since(started, Some("acme/widgets"), false));
-        epochs.record(Some("acme/gadgets"));
+        epochs.record(&write(Some("acme/gadgets"), false));
         assert!(epochs.unchanged_since(started, Some("acme/widgets"), false));
         assert!(!epochs.unchanged_since(started, None, false));
-        epochs.record(Some("acme/widgets"));
+        epochs.record(&write(Some("acme/widgets"), false));
+        assert!(!epochs.unchanged_since(started, Some("acme/widgets"), false));
+        assert!(epochs.unchanged_since(started, Some("acme/widgets"), true));
+        epochs.record(&write(Some("acme/widgets"), true));
         assert!(!epochs.unchanged_since(started, Some("acme/widgets"), true));
         let later = epochs.seq;
         assert!(epochs.unchanged_since(later, Some("acme/widgets"), false));
-        epochs.record(None);
+        epochs.record(&write(None, false));
         assert!(!epochs.unchanged_since(later, Some("acme/widgets"), false));
         assert!(epochs.unchanged_since(later, Some("acme/widgets"), true));
     }
