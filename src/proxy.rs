@@ -150,11 +150,15 @@ async fn run_phases(
     match plan {
         Plan::Shared(lookup) => cache_phase(&client, lookup, request).await,
         Plan::Bypass(status) => {
-            let upstream_path = route.upstream_path(request.uri().path());
-            let method = request.method().clone();
-            generation.cache.note_write(&route, &method, &upstream_path);
+            let write = generation
+                .cache
+                .note_write(&route, request.method(), request.uri().path());
             let response = fetch_upstream(generation, &state.metrics, &route, request).await;
-            generation.cache.note_write(&route, &method, &upstream_path);
+            if let Some(write) = write {
+                // Again once it is done: a read sent while the write was under way may have
+                // fetched the old state.
+                generation.cache.drop_written(&write);
+            }
             let mut response =
                 rewrite_response(generation, &route, client_host.as_ref(), response?);
             status.mark(&mut response);

@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -46,6 +46,7 @@ use store::{Entry, Store};
 
 /// The RFC 9211 cache name in `Cache-Status`.
 const CACHE_NAME: &str = "bitbucket-auth-proxy";
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How a request was answered, for `Cache-Status` and the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,15 +112,12 @@ impl CacheStatus {
 
     /// Marks a response: the header for the client, the extension for the access log.
     pub fn mark<B>(self, response: &mut Response<B>) {
-        response.headers_mut().insert(
-            HeaderName::from_static("cache-status"),
-            self.header(None, None),
-        );
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, self.header(None, None));
         response.extensions_mut().insert(self);
     }
 }
-
-use http::HeaderName;
 
 /// Whether and how a request takes part.
 pub enum Plan {
@@ -205,7 +203,7 @@ impl Epochs {
 }
 
 /// A write as far as the cache is concerned.
-struct Write {
+pub struct Write {
     /// The repository written to; `None` outside every repository.
     scope: Option<Box<str>>,
     /// The repository object itself (`PUT`/`DELETE .../repositories/{ws}/{repo}`).
@@ -298,21 +296,29 @@ impl Cache {
         })
     }
 
-    /// Records a write through `route` to `upstream_path`: its repository's entries go, and
-    /// requests in flight for them take no new joiners. Called when the write is sent and
-    /// again when its answer arrives.
-    pub fn note_write(&self, route: &Route, method: &Method, upstream_path: &str) {
+    /// Records a request through `route` to the local `path` if it is a write (any method
+    /// but GET, HEAD, OPTIONS, TRACE): its repository's entries go, and requests in flight for
+    /// them take no new joiners. Returns the write, to [drop](Self::drop_written) again when
+    /// its answer has arrived.
+    pub fn note_write(&self, route: &Route, method: &Method, path: &str) -> Option<Write> {
         if matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
         ) {
-            return;
+            return None;
         }
+        let upstream_path = route.upstream_path(path);
         let write = Write {
-            scope: key::repository_scope(route.upstream, upstream_path),
-            repository_itself: key::is_repository_itself(route.upstream, upstream_path),
+            scope: key::repository_scope(route.upstream, &upstream_path),
+            repository_itself: key::is_repository_itself(route.upstream, &upstream_path),
         };
-        lock(&self.epochs).record(&write);
+        self.drop_written(&write);
+        Some(write)
+    }
+
+    /// Drops what `write` makes stale, and keeps answers already under way out of the store.
+    pub fn drop_written(&self, write: &Write) {
+        lock(&self.epochs).record(write);
         let in_scope = |key: &Key| {
             let path = key.target.split('?').next().unwrap_or_default();
             let scope = key::repository_scope(key.upstream, path);
@@ -621,10 +627,9 @@ where
     parts
         .headers
         .insert(header::AGE, HeaderValue::from(age.as_secs()));
-    parts.headers.insert(
-        HeaderName::from_static("cache-status"),
-        status.header(ttl, fwd_status),
-    );
+    parts
+        .headers
+        .insert(CACHE_STATUS, status.header(ttl, fwd_status));
     parts.extensions.insert(status);
     Response::from_parts(parts, ProxyBody::Boxed { body })
 }
