@@ -598,3 +598,95 @@ async fn a_cache_full_of_large_bodies_stays_within_max_bytes() {
     .await;
     assert_eq!(upstream.count(), count + 1);
 }
+
+#[tokio::test]
+async fn the_rate_limit_refusal_is_answered_from_the_cache_fresh_or_stale() {
+    let pki = TestPki::new();
+    let upstream = Upstream::start(&pki, false, |_| Response::new(full_body("list")));
+    let text_config = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[upstream]
+api_url = "{base}"
+ca_file = "{ca}"
+
+[credentials.acme-all]
+kind = "workspace_access_token"
+workspace = "acme"
+token = {{ value = "t" }}
+rate_limit = {{ per_hour = 1, burst = 1 }}
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "acme-all"
+cache = {{ max_age = "1s", stale_if_error = "1m" }}
+
+[[routes]]
+prefix = "/strict"
+upstream_prefix = "/2.0/repositories/acme"
+credential = "acme-all"
+cache = {{ max_age = "1s" }}
+"#,
+        base = upstream.mock.base_url(),
+        ca = pki.ca_path().display(),
+    );
+    let config =
+        bitbucket_auth_proxy::Config::from_toml(std::path::Path::new("c.toml"), &text_config)
+            .expect("valid config");
+    let proxy = bitbucket_auth_proxy::start(config).await.expect("starts");
+    let addr = proxy.local_addrs()[0];
+    let path = "/2.0/repositories/acme/widgets/pullrequests";
+    assert_eq!(text(get_with(addr, path, &[]).await).await, "list");
+    // The budget is spent, but a fresh entry costs none.
+    let fresh = get_with(addr, path, &[]).await;
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert!(header(&fresh, "cache-status").contains("; hit"));
+    text(fresh).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = get_with(addr, path, &[]).await;
+    assert_eq!(stale.status(), StatusCode::OK);
+    assert_eq!(
+        header(&stale, "cache-status"),
+        "bitbucket-auth-proxy; fwd=stale"
+    );
+    assert_eq!(text(stale).await, "list");
+    // A route without stale_if_error gets the refusal.
+    let refused = get_with(addr, "/strict/widgets/pullrequests", &[]).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(upstream.count(), 1);
+}
+
+#[test]
+fn cache_settings_are_validated_with_their_keys() {
+    let text = r#"
+[credentials.acme-all]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { value = "t" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "acme-all"
+cache = { stale_if_error = "5m", max_age = "soon" }
+
+[cache]
+max_bytes = 1000
+max_entry_bytes = 2000
+"#;
+    let error = bitbucket_auth_proxy::Config::from_toml(std::path::Path::new("c.toml"), text)
+        .expect_err("invalid")
+        .to_string();
+    for expected in [
+        "routes[0].cache.max_age: `soon` is not a positive duration",
+        "cache.max_entry_bytes: 2000 is larger than cache.max_bytes (1000)",
+    ] {
+        assert!(error.contains(expected), "{error}");
+    }
+    let unknown = "[[routes]]\nprefix = \"/x\"\ncredential = \"c\"\ncache = { ttl = \"5s\" }\n";
+    let error = bitbucket_auth_proxy::Config::from_toml(std::path::Path::new("c.toml"), unknown)
+        .expect_err("unknown key")
+        .to_string();
+    assert!(error.contains("ttl"), "{error}");
+}
