@@ -2,6 +2,7 @@
 //! from unauthenticated local clients and forwards them over TLS.
 //!
 //! The request path, in order: [`proxy::admit`] → [`proxy::route`] → [`proxy::authorize_method`]
+//! → [`proxy::govern`] → [`proxy::cache_phase`]
 //! → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
 //! [`telemetry::AccessLogLayer`].
 

@@ -21,14 +21,16 @@ pub mod coalesce;
 pub mod key;
 pub mod policy;
 pub mod stats;
+pub mod status;
 pub mod store;
+mod writes;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -42,82 +44,11 @@ use crate::state::Generation;
 use coalesce::{Filled, Flight, Head, Ready};
 use key::Key;
 use policy::{Bypass, CacheLimits, ClientDirectives, Freshness};
+use status::CACHE_STATUS;
+pub use status::CacheStatus;
 use store::{Entry, Store};
-
-/// The RFC 9211 cache name in `Cache-Status`.
-const CACHE_NAME: &str = "bitbucket-auth-proxy";
-const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-
-/// How a request was answered, for `Cache-Status` and the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// From the store, fresh.
-    Hit,
-    /// From the store, stale, because Bitbucket failed or refused (`stale_if_error`).
-    Stale,
-    /// This request's own upstream request.
-    Miss,
-    /// Another identical request's upstream request.
-    Coalesced,
-    /// Not a GET or HEAD.
-    Method,
-    /// The client asked for a fresh answer (`no-cache`, `no-store`).
-    Request,
-    /// Not eligible: a body, `Range`, a conditional header, or caching and coalescing off.
-    Bypass,
-}
-
-impl CacheStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Stale => "stale",
-            CacheStatus::Miss => "miss",
-            CacheStatus::Coalesced => "coalesced",
-            CacheStatus::Method => "method",
-            CacheStatus::Request => "request",
-            CacheStatus::Bypass => "bypass",
-        }
-    }
-
-    /// Whether the request was answered without an upstream request of its own: a governor
-    /// that counted it may give its budget back.
-    pub fn served_locally(self) -> bool {
-        matches!(
-            self,
-            CacheStatus::Hit | CacheStatus::Stale | CacheStatus::Coalesced
-        )
-    }
-
-    /// The `Cache-Status` header (RFC 9211) for a response answered this way.
-    pub fn header(self, ttl: Option<Duration>, fwd_status: Option<StatusCode>) -> HeaderValue {
-        let mut text = String::from(CACHE_NAME);
-        text.push_str(match self {
-            CacheStatus::Hit => "; hit",
-            CacheStatus::Stale => "; fwd=stale",
-            CacheStatus::Miss => "; fwd=miss",
-            CacheStatus::Coalesced => "; fwd=miss; collapsed",
-            CacheStatus::Method => "; fwd=method",
-            CacheStatus::Request => "; fwd=request",
-            CacheStatus::Bypass => "; fwd=bypass",
-        });
-        if let Some(status) = fwd_status {
-            text.push_str(&format!("; fwd-status={}", status.as_u16()));
-        }
-        if let Some(ttl) = ttl {
-            text.push_str(&format!("; ttl={}", ttl.as_secs()));
-        }
-        HeaderValue::from_str(&text).expect("cache status text is plain ASCII")
-    }
-
-    /// Marks a response: the header for the client, the extension for the access log.
-    pub fn mark<B>(self, response: &mut Response<B>) {
-        response
-            .headers_mut()
-            .insert(CACHE_STATUS, self.header(None, None));
-        response.extensions_mut().insert(self);
-    }
-}
+use writes::Epochs;
+pub use writes::Write;
 
 /// Whether and how a request takes part.
 pub enum Plan {
@@ -146,81 +77,6 @@ impl Client<'_> {
     fn labels(&self) -> CredentialLabels {
         CredentialLabels {
             credential: self.route.credential.name.clone(),
-        }
-    }
-}
-
-/// Writes seen since start-up, by repository, so an answer fetched before a write is not
-/// stored after it.
-#[derive(Default)]
-struct Epochs {
-    seq: u64,
-    /// The last write of any kind.
-    any: u64,
-    /// The last write outside every repository.
-    global: u64,
-    scopes: HashMap<Box<str>, u64>,
-    /// The last write to each repository object itself.
-    repositories: HashMap<Box<str>, u64>,
-}
-
-/// Bounds the per-repository record; past it every older answer counts as preceded by a write.
-const MAX_SCOPES: usize = 4096;
-
-impl Epochs {
-    fn record(&mut self, write: &Write) {
-        self.seq += 1;
-        self.any = self.seq;
-        let Some(scope) = write.scope.as_deref() else {
-            self.global = self.seq;
-            return;
-        };
-        if self.scopes.len() >= MAX_SCOPES || self.repositories.len() >= MAX_SCOPES {
-            // Forgetting which repository was written means treating every one as written.
-            self.scopes.clear();
-            self.repositories.clear();
-            self.global = self.seq;
-            self.repositories.insert("".into(), self.seq);
-        }
-        self.scopes.insert(scope.into(), self.seq);
-        if write.repository_itself {
-            self.repositories.insert(scope.into(), self.seq);
-        }
-    }
-
-    /// Whether no write that would have dropped an entry fetched since `started` happened.
-    fn unchanged_since(&self, started: u64, scope: Option<&str>, immutable: bool) -> bool {
-        let before = |map: &HashMap<Box<str>, u64>, scope: &str| {
-            map.get(scope).is_none_or(|&at| at <= started)
-                && map.get("").is_none_or(|&at| at <= started)
-        };
-        match (scope, immutable) {
-            (None, _) => self.any <= started,
-            (Some(scope), true) => before(&self.repositories, scope),
-            (Some(scope), false) => self.global <= started && before(&self.scopes, scope),
-        }
-    }
-}
-
-/// A write as far as the cache is concerned.
-pub struct Write {
-    /// The repository written to; `None` outside every repository.
-    scope: Option<Box<str>>,
-    /// The repository object itself (`PUT`/`DELETE .../repositories/{ws}/{repo}`).
-    repository_itself: bool,
-}
-
-impl Write {
-    /// Whether this write drops an entry of `scope`: a mutable entry of its repository, or
-    /// that belongs to none (lists across repositories); for a write outside every repository,
-    /// every mutable entry; an immutable entry only with its repository itself.
-    fn drops(&self, scope: Option<&str>, immutable: bool) -> bool {
-        match (self.scope.as_deref(), scope) {
-            (_, None) => true,
-            (Some(written), Some(scope)) => {
-                written == scope && (!immutable || self.repository_itself)
-            }
-            (None, Some(_)) => !immutable,
         }
     }
 }
@@ -632,69 +488,4 @@ where
         .insert(CACHE_STATUS, status.header(ttl, fwd_status));
     parts.extensions.insert(status);
     Response::from_parts(parts, ProxyBody::Boxed { body })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(scope: Option<&str>, repository_itself: bool) -> Write {
-        Write {
-            scope: scope.map(Into::into),
-            repository_itself,
-        }
-    }
-
-    #[test]
-    fn writes_drop_their_repository_and_cross_repository_lists() {
-        let status = write(Some("acme/widgets"), false);
-        assert!(status.drops(Some("acme/widgets"), false));
-        assert!(
-            !status.drops(Some("acme/widgets"), true),
-            "a commit did not change"
-        );
-        assert!(!status.drops(Some("acme/gadgets"), false));
-        assert!(status.drops(None, false));
-        let deletion = write(Some("acme/widgets"), true);
-        assert!(deletion.drops(Some("acme/widgets"), true));
-        let outside = write(None, false);
-        assert!(outside.drops(Some("acme/gadgets"), false));
-        assert!(!outside.drops(Some("acme/gadgets"), true));
-    }
-
-    #[test]
-    fn an_answer_fetched_before_a_write_is_not_kept() {
-        let mut epochs = Epochs::default();
-        let started = epochs.seq;
-        assert!(epochs.unchanged_since(started, Some("acme/widgets"), false));
-        epochs.record(&write(Some("acme/gadgets"), false));
-        assert!(epochs.unchanged_since(started, Some("acme/widgets"), false));
-        assert!(!epochs.unchanged_since(started, None, false));
-        epochs.record(&write(Some("acme/widgets"), false));
-        assert!(!epochs.unchanged_since(started, Some("acme/widgets"), false));
-        assert!(epochs.unchanged_since(started, Some("acme/widgets"), true));
-        epochs.record(&write(Some("acme/widgets"), true));
-        assert!(!epochs.unchanged_since(started, Some("acme/widgets"), true));
-        let later = epochs.seq;
-        assert!(epochs.unchanged_since(later, Some("acme/widgets"), false));
-        epochs.record(&write(None, false));
-        assert!(!epochs.unchanged_since(later, Some("acme/widgets"), false));
-        assert!(epochs.unchanged_since(later, Some("acme/widgets"), true));
-    }
-
-    #[test]
-    fn cache_status_follows_rfc_9211() {
-        assert_eq!(
-            CacheStatus::Hit.header(Some(Duration::from_secs(4)), None),
-            "bitbucket-auth-proxy; hit; ttl=4"
-        );
-        assert_eq!(
-            CacheStatus::Coalesced.header(None, None),
-            "bitbucket-auth-proxy; fwd=miss; collapsed"
-        );
-        assert_eq!(
-            CacheStatus::Stale.header(None, Some(StatusCode::TOO_MANY_REQUESTS)),
-            "bitbucket-auth-proxy; fwd=stale; fwd-status=429"
-        );
-    }
 }
