@@ -315,6 +315,9 @@ pin_project! {
         // against 104).
         Rewritten { #[pin] body: Pin<Box<crate::rewrite::RewriteBody<TimedBody<Incoming>>>> },
         Local { #[pin] body: LocalBody },
+        // Answers built from a shared or stored upstream answer (the response cache): a box,
+        // so this enum does not grow for them or depend on their types.
+        Boxed { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
@@ -331,7 +334,8 @@ delegate_body!(
     ProxyBodyProj {
         Upstream,
         Rewritten,
-        Local
+        Local,
+        Boxed
     }
 );
 

@@ -2,13 +2,15 @@
 //! from unauthenticated local clients and forwards them over TLS.
 //!
 //! The request path, in order: [`proxy::admit`] → [`proxy::route`] → [`proxy::authorize_method`]
-//! → [`proxy::govern`] → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
+//! → [`proxy::govern`] → [`proxy::cache_phase`]
+//! → [`proxy::inject_credential`] → [`proxy::forward`] → [`proxy::rewrite_response`] →
 //! [`telemetry::AccessLogLayer`].
 
 pub mod admin;
 pub mod body;
 pub mod budget;
 pub mod build_info;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod credentials;

@@ -94,6 +94,7 @@ pub struct Metrics {
     pub ratelimit_local_refused: Family<CredentialLabels, Counter>,
     /// Issue 15's per-credential budget metrics.
     pub budget: crate::budget::metrics::BudgetMetrics,
+    pub cache: crate::cache::stats::CacheMetrics,
     /// The empty route and credential label of requests no route took (admin paths, 404s),
     /// allocated once rather than per request.
     no_route: Arc<str>,
@@ -127,6 +128,7 @@ impl Metrics {
             ratelimit_local_remaining: Family::default(),
             ratelimit_local_refused: Family::default(),
             budget: crate::budget::metrics::BudgetMetrics::default(),
+            cache: Default::default(),
             registry: Registry::with_prefix("bitbucket_auth_proxy"),
         };
         metrics.budget = crate::budget::metrics::BudgetMetrics::register(&mut metrics.registry);
@@ -215,6 +217,7 @@ impl Metrics {
             "Requests refused locally with 429 by the governor (rate_limit or NearLimit pacing)",
             metrics.ratelimit_local_refused.clone(),
         );
+        metrics.cache.register(&mut metrics.registry);
         let build_info: Family<BuildLabels, Gauge> = Family::default();
         build_info
             .get_or_create(&BuildLabels {

@@ -8,6 +8,8 @@
 //!    [`govern`] — the credential's budget: a 429 cool-down, `rate_limit`, NearLimit pacing;
 //!    answered locally with 429 when spent. Returns a permit that is spent when the request is
 //!    forwarded and refunds the budget if dropped (a request answered without going upstream).
+//!    [`cache_phase`] — identical GET/HEAD requests share one upstream request, and stored
+//!    answers are served ([`crate::cache`]); writes drop their repository's entries.
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
 //! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
 //! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
@@ -29,10 +31,11 @@ use hyper::body::Incoming;
 use crate::admin::{self, ListenerRole};
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
 use crate::budget::BudgetPermit;
+use crate::cache::{self, Plan};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{KindLabels, RouteLabels};
+use crate::metrics::{KindLabels, Metrics, RouteLabels};
 use crate::request_id::UpstreamExchange;
 use crate::rewrite;
 use crate::routing::Route;
@@ -117,7 +120,7 @@ pub async fn handle(
 
 async fn run_phases(
     state: &SharedState,
-    generation: &Generation,
+    generation: &Arc<Generation>,
     connection: &ConnectionInfo,
     request: Request<Incoming>,
     matched: &mut Option<Arc<Route>>,
@@ -141,14 +144,87 @@ async fn run_phases(
     let route = route(config, request.uri().path())?;
     *matched = Some(route.clone());
     authorize_method(&route, request.method())?;
-    let permit = govern(generation, &route).await?;
     let client_host = client_origin_host(&request, connection);
+    let plan = generation.cache.plan(&route, &request);
+    let client = cache::Client {
+        generation,
+        route: &route,
+        host: client_host.as_ref(),
+        metrics: &state.metrics,
+    };
+    let permit = match govern(generation, &route).await {
+        Ok(permit) => permit,
+        // A stored answer costs no budget: it may still answer a refused request.
+        Err(refused) => {
+            return match &plan {
+                Plan::Shared(lookup) => generation
+                    .cache
+                    .answer_refusal(&client, lookup, &refused)
+                    .ok_or(refused),
+                Plan::Bypass(_) => Err(refused),
+            };
+        }
+    };
+    match plan {
+        Plan::Shared(lookup) => cache_phase(&client, lookup, request, permit).await,
+        Plan::Bypass(status) => {
+            let write = generation
+                .cache
+                .note_write(&route, request.method(), request.uri().path());
+            let response =
+                fetch_upstream(generation, &state.metrics, &route, request, permit).await;
+            if let Some(write) = write {
+                // Again once it is done: a read sent while the write was under way may have
+                // fetched the old state.
+                generation.cache.drop_written(&write);
+            }
+            let mut response =
+                rewrite_response(generation, &route, client_host.as_ref(), response?);
+            status.mark(&mut response);
+            Ok(response)
+        }
+    }
+}
+
+/// Phase 3c: answers a GET/HEAD that may be shared from the cache, from an identical request
+/// in flight, or through its own upstream request, which then runs in a task of its own so it
+/// completes for the requests that joined it even if this client leaves.
+///
+/// The budget `permit` from [`govern`] moves into that upstream request; a hit or a coalesced
+/// follower never runs it, so dropping the permit gives the budget back.
+pub async fn cache_phase(
+    client: &cache::Client<'_>,
+    lookup: cache::Lookup,
+    request: Request<Incoming>,
+    permit: Option<BudgetPermit>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let generation = client.generation.clone();
+    let metrics = client.metrics.clone();
+    let route = client.route.clone();
+    let cache = generation.cache.clone();
+    let fetch = move |request| async move {
+        fetch_upstream(&generation, &metrics, &route, request, permit).await
+    };
+    cache.respond(client, lookup, request, fetch).await
+}
+
+/// Phases 4 and 5 for one request: the credential, the upstream request (spending the budget
+/// `permit`), and one renewal and resend when Bitbucket refuses an OAuth token the proxy
+/// believed valid.
+pub async fn fetch_upstream(
+    generation: &Generation,
+    metrics: &Metrics,
+    route: &Arc<Route>,
+    request: Request<Incoming>,
+    permit: Option<BudgetPermit>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let config = &generation.config;
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
     let authorization = credential
         .authorization(route.upstream, &generation.client, timeout)
         .await?;
-    let upstream_request = inject_credential(config, &route, authorization.clone(), request)?;
+    let upstream_request = inject_credential(config, route, authorization.clone(), request)?;
     let replay = Replay::of(&upstream_request);
     let started = Instant::now();
     let attempt = permit.map(BudgetPermit::spend);
@@ -166,12 +242,12 @@ async fn run_phases(
     }
     let response = forwarded?;
     let head_after = started.elapsed();
-    record_upstream(state, &route, head_after);
+    record_upstream(metrics, route, head_after);
     if let Some(attempt) = attempt {
         attempt.answered(response.status(), response.headers());
     }
     let exchange = UpstreamExchange::of(&response, head_after);
-    let mut response = rewrite_response(generation, &route, client_host.as_ref(), response);
+    let mut response = response;
     response.extensions_mut().insert(exchange);
     Ok(response)
 }
@@ -480,9 +556,8 @@ pub fn rewrite_response(
 
 /// Upstream latency to the response head, for answers that arrived (their `X-RateLimit-*`
 /// values go to the budget). Failures are counted in [`handle`], where every error ends up.
-fn record_upstream(state: &SharedState, route: &Route, head_after: std::time::Duration) {
-    state
-        .metrics
+fn record_upstream(metrics: &Metrics, route: &Route, head_after: std::time::Duration) {
+    metrics
         .upstream_latency
         .get_or_create(&RouteLabels {
             route: route.prefix.clone(),

@@ -22,6 +22,10 @@ pub struct Route {
     pub allow_header: Option<HeaderValue>,
     /// Whether responses get their upstream URLs rewritten to point back at the proxy.
     pub rewrite_links: bool,
+    /// Whether identical GET/HEAD requests in flight at once share one upstream request.
+    pub coalesce: bool,
+    /// What the response cache may keep of this route's answers.
+    pub cache: crate::cache::policy::RouteCachePolicy,
 }
 
 impl Route {
@@ -140,6 +144,8 @@ pub(crate) mod tests {
             methods: methods.map(<[Method]>::to_vec),
             allow_header: None,
             rewrite_links: true,
+            coalesce: true,
+            cache: Default::default(),
         })
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::budget::CredentialBudget;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
@@ -23,6 +24,9 @@ pub struct Generation {
     /// Each credential's request budget, by name. Budgets outlive generations: a reload keeps
     /// counting what was sent in the last hour, and keeps a cool-down in progress.
     pub budgets: HashMap<Arc<str>, Arc<CredentialBudget>>,
+    /// The response cache and the upstream requests in flight; a reload starts an empty one,
+    /// so no answer outlives the routes and credentials it was fetched with.
+    pub cache: Arc<Cache>,
 }
 
 impl Generation {
@@ -58,8 +62,10 @@ impl Generation {
                 (credential.name.clone(), budget)
             })
             .collect();
+        let cache = Arc::new(Cache::new(config.cache));
         Generation {
             number,
+            cache,
             config: Arc::new(config),
             client,
             patterns,

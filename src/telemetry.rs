@@ -18,6 +18,7 @@ use tower::{Layer, Service};
 
 use crate::admin::{self, ListenerRole};
 use crate::body::{BoxError, ByteCounter};
+use crate::cache::CacheStatus;
 use crate::error::REASON_HEADER;
 use crate::metrics::{Metrics, RequestRecord};
 use crate::proxy::{ConnectionInfo, MatchedRoute};
@@ -223,6 +224,8 @@ struct Answer {
     route: Option<MatchedRoute>,
     upstream: Option<UpstreamExchange>,
     reason: Option<String>,
+    /// How the response cache answered (`hit`, `miss`, `coalesced`, ...), when it took part.
+    cache: Option<CacheStatus>,
 }
 
 impl PendingRecord {
@@ -250,6 +253,7 @@ impl PendingRecord {
                 .get(REASON_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            cache: parts.extensions.get::<CacheStatus>().copied(),
         };
         // hyper never polls a body that is already at its end (HEAD, 304, local errors).
         let outcome = if body.is_end_stream() {
@@ -401,6 +405,7 @@ impl Drop for AccessRecord {
             },
             reason = self.answer.reason.as_deref(),
             user_agent = pending.user_agent.as_ref().map(|ua| tracing::field::display(user_agent(ua))),
+            cache = self.answer.cache.map(CacheStatus::as_str),
             "request"
         );
     }

@@ -751,6 +751,19 @@ async fn run_with_trace_logging_never_logs_a_secret_and_stops_cleanly_on_sigterm
         502,
     );
     assert_eq!(access.len(), requests.len(), "{log}");
+
+    // The cache status of each request: these GETs carry a body, so nothing is shared; the PUT
+    // is a write; requests refused before the cache phase have none.
+    let cache_of = |method: &str, path: &str| {
+        access
+            .iter()
+            .find(|line| line["method"] == method && line["path"] == path)
+            .map(|line| line["cache"].clone())
+            .unwrap()
+    };
+    assert_eq!(cache_of("GET", "/release/widgets/commits"), "bypass");
+    assert_eq!(cache_of("PUT", "/2.0/repositories/acme/gadgets"), "method");
+    assert!(cache_of("GET", "/2.0/snippets").is_null());
 }
 
 async fn read_all<R: tokio::io::AsyncRead + Unpin>(mut reader: R) -> String {

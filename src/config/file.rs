@@ -24,6 +24,25 @@ pub struct ConfigFile {
     pub credentials: BTreeMap<String, CredentialSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `[cache]`: the response cache's memory bound and the per-response size cap.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub max_bytes: Option<u64>,
+    pub max_entry_bytes: Option<u64>,
+}
+
+/// A route's `cache = { max_age = "5s", stale_if_error = "5m", immutable = true }`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheSection {
+    pub max_age: Option<String>,
+    pub stale_if_error: Option<String>,
+    pub immutable: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -156,4 +175,6 @@ pub struct RouteSection {
     pub upstream_prefix: Option<String>,
     pub methods: Option<Vec<String>>,
     pub rewrite_links: Option<bool>,
+    pub coalesce: Option<bool>,
+    pub cache: Option<RouteCacheSection>,
 }

@@ -3,6 +3,7 @@
 //! would be valid.
 
 mod admin;
+mod cache;
 mod file;
 mod validate;
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub credentials: Vec<Arc<Credential>>,
     pub routes: RouteTable,
+    /// `[cache]`: memory bound and per-response cap of the response cache and coalescing.
+    pub cache: crate::cache::policy::CacheLimits,
     /// Where each secret was read from, by config key (for readiness and reload watching).
     pub secret_sources: Vec<(String, crate::secrets::SecretSource)>,
     /// Things that work but deserve attention (inline secrets, app passwords).

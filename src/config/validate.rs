@@ -25,14 +25,14 @@ use crate::routing::{Route, RouteTable, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
-struct Issues {
+pub(super) struct Issues {
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
     secret_sources: Vec<(String, SecretSource)>,
 }
 
 impl Issues {
-    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.issues.push(ConfigIssue {
             key: key.into(),
             message: message.into(),
@@ -54,6 +54,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
+    let cache = super::cache::cache_limits(&mut issues, &file.cache);
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -63,6 +64,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             upstream,
             credentials: credentials.into_values().flatten().collect(),
             routes,
+            cache,
             secret_sources: issues.secret_sources,
             warnings: issues.warnings,
         })
@@ -216,7 +218,7 @@ pub(super) fn parse_listen(spec: &str) -> Option<ListenAddr> {
 /// duration of centuries would overflow the clock instead of meaning "never".
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn parse_duration(
+pub(super) fn parse_duration(
     issues: &mut Issues,
     key: &str,
     value: Option<&str>,
@@ -835,6 +837,8 @@ fn routes(
             );
             ok = false;
         }
+        let route_cache =
+            super::cache::route_cache_policy(issues, &format!("{key}.cache"), &section.cache);
         if let (true, Some(credential)) = (ok, credential) {
             let allow_header = methods.as_ref().map(|methods| {
                 let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
@@ -848,6 +852,8 @@ fn routes(
                 methods,
                 allow_header,
                 rewrite_links: section.rewrite_links.unwrap_or(true),
+                coalesce: section.coalesce.unwrap_or(true),
+                cache: route_cache,
             }));
         }
     }

@@ -212,11 +212,34 @@ pub fn rewrite(
     parts: &mut Parts,
     body: TimedBody<hyper::body::Incoming>,
 ) -> ProxyBody {
+    match rewrite_any(config, patterns, route, client_host, parts, body) {
+        Rewritten::Plain(body) => ProxyBody::Upstream { body },
+        Rewritten::Body(body) => ProxyBody::Rewritten { body },
+    }
+}
+
+/// A body as it goes to the client: unchanged, or through the rewriter.
+pub enum Rewritten<B> {
+    Plain(B),
+    Body(Pin<Box<RewriteBody<B>>>),
+}
+
+/// [`rewrite`] for any body: the response cache rewrites a stored or shared upstream body
+/// for each client that receives it.
+pub fn rewrite_any<B: Body<Data = Bytes, Error = BoxError>>(
+    config: &Arc<Config>,
+    patterns: &Arc<RewritePatterns>,
+    route: &Arc<Route>,
+    client_host: Option<&HeaderValue>,
+    parts: &mut Parts,
+    body: B,
+) -> Rewritten<B> {
+    use Rewritten::Plain as Upstream;
     if !route.rewrite_links {
-        return ProxyBody::Upstream { body };
+        return Upstream(body);
     }
     let Some(proxy_origin) = proxy_origin(config, client_host) else {
-        return ProxyBody::Upstream { body };
+        return Upstream(body);
     };
     let rewriter = LinkRewriter::new(
         config.clone(),
@@ -227,7 +250,7 @@ pub fn rewrite(
     rewrite_headers(&rewriter, &mut parts.headers);
 
     if body.is_end_stream() || !is_json(&parts.headers) {
-        return ProxyBody::Upstream { body };
+        return Upstream(body);
     }
     let decoder = match parts
         .headers
@@ -239,9 +262,9 @@ pub fn rewrite(
             Some(decoder) => Some(decoder),
             None if coding.trim().eq_ignore_ascii_case("identity") => None,
             // An encoding the proxy cannot read: pass the body on untouched.
-            None => return ProxyBody::Upstream { body },
+            None => return Upstream(body),
         },
-        Some(Err(_)) => return ProxyBody::Upstream { body },
+        Some(Err(_)) => return Upstream(body),
     };
     if decoder.is_some() {
         parts.headers.remove(header::CONTENT_ENCODING);
@@ -249,15 +272,13 @@ pub fn rewrite(
     // The length changes with every rewritten URL; framing falls back to chunked / h2 frames.
     parts.headers.remove(header::CONTENT_LENGTH);
     weaken_etag(&mut parts.headers);
-    ProxyBody::Rewritten {
-        body: Box::pin(RewriteBody {
-            inner: body,
-            rewriter,
-            decoder,
-            trailers: None,
-            done: false,
-        }),
-    }
+    Rewritten::Body(Box::pin(RewriteBody {
+        inner: body,
+        rewriter,
+        decoder,
+        trailers: None,
+        done: false,
+    }))
 }
 
 /// `server.public_url`, else `http://` + the request's `Host` when it is a plain authority.

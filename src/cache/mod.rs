@@ -1,0 +1,491 @@
+//! Spending Bitbucket's request budget once: identical GET/HEAD requests in flight at the same
+//! time share one upstream request ([`coalesce`]), and answers that cannot change, or that a
+//! route allows to be reused for `max_age`, are answered from memory ([`store`]).
+//!
+//! This is the phase after `govern` and before `inject_credential` in [`crate::proxy`]: a
+//! request reaches it admitted, routed and with its method allowed. [`Cache::plan`] decides
+//! whether a request takes part ([`policy`], [`key`]); [`Cache::respond`] answers it from the
+//! store, from another request's upstream answer, or by leading an upstream request of its
+//! own through the `fetch` the proxy hands in (the credential, forwarding and renewal phases).
+//! Every client's response is built from the shared upstream bytes by the link rewriter for
+//! that client's route and host.
+//!
+//! A write (any method but GET, HEAD, OPTIONS, TRACE) drops the mutable entries of its
+//! repository (and those that belong to no repository), and stops new requests from joining
+//! upstream requests that started before it. Immutable entries go only with a write to the
+//! repository itself (a rename, transfer or deletion): no other write changes a commit.
+//!
+//! The cache belongs to one config generation: a reload starts an empty one.
+
+pub mod coalesce;
+pub mod key;
+pub mod policy;
+pub mod stats;
+pub mod status;
+pub mod store;
+mod writes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::body::{BoxError, LocalBody, ProxyBody};
+use crate::error::ProxyError;
+use crate::metrics::{CredentialLabels, Metrics};
+use crate::rewrite;
+use crate::routing::Route;
+use crate::state::Generation;
+use coalesce::{Filled, Flight, Head, Ready};
+use key::Key;
+use policy::{Bypass, CacheLimits, ClientDirectives, Freshness};
+use status::CACHE_STATUS;
+pub use status::CacheStatus;
+use store::{Entry, Store};
+use writes::Epochs;
+pub use writes::Write;
+
+/// Whether and how a request takes part.
+pub enum Plan {
+    Bypass(CacheStatus),
+    Shared(Lookup),
+}
+
+/// A request that takes part: its key and what may be done with its answer.
+pub struct Lookup {
+    key: Key,
+    /// How long a stored answer stays fresh on this route; `None` when none is stored.
+    freshness: Option<Freshness>,
+    directives: ClientDirectives,
+    scope: Option<Box<str>>,
+}
+
+/// The request a response is built for.
+pub struct Client<'a> {
+    pub generation: &'a Arc<Generation>,
+    pub route: &'a Arc<Route>,
+    pub host: Option<&'a HeaderValue>,
+    pub metrics: &'a Arc<Metrics>,
+}
+
+impl Client<'_> {
+    fn labels(&self) -> CredentialLabels {
+        CredentialLabels {
+            credential: self.route.credential.name.clone(),
+        }
+    }
+}
+
+/// The store, the upstream requests in flight, and the write record of one generation.
+pub struct Cache {
+    limits: CacheLimits,
+    store: Mutex<Store>,
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
+    epochs: Mutex<Epochs>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cache {
+    pub fn new(limits: CacheLimits) -> Cache {
+        Cache {
+            limits,
+            store: Mutex::new(Store::new(
+                usize::try_from(limits.max_bytes).unwrap_or(usize::MAX),
+            )),
+            flights: Mutex::new(HashMap::new()),
+            epochs: Mutex::new(Epochs::default()),
+        }
+    }
+
+    fn cap(&self) -> usize {
+        usize::try_from(self.limits.max_entry_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Decides whether a request takes part, from its method, headers and route.
+    pub fn plan<B>(&self, route: &Route, request: &Request<B>) -> Plan {
+        let directives = match policy::client_directives(request.method(), request.headers()) {
+            Ok(directives) => directives,
+            Err(Bypass::Method) => return Plan::Bypass(CacheStatus::Method),
+            Err(Bypass::Request) => return Plan::Bypass(CacheStatus::Bypass),
+        };
+        let upstream_path = route.upstream_path(request.uri().path());
+        let freshness = if self.limits.max_bytes == 0 {
+            None
+        } else {
+            policy::freshness(
+                &route.cache,
+                route.upstream,
+                request.method(),
+                &upstream_path,
+            )
+        };
+        if freshness.is_none() && !route.coalesce {
+            return Plan::Bypass(CacheStatus::Bypass);
+        }
+        let scope = key::repository_scope(route.upstream, &upstream_path);
+        let mut target = upstream_path;
+        if let Some(query) = request.uri().query() {
+            target.push('?');
+            target.push_str(query);
+        }
+        let keyed = key::keyed_headers(request.headers(), route.rewrite_links);
+        let key = Key::new(
+            &route.credential.name,
+            route.upstream,
+            request.method(),
+            &target,
+            &keyed,
+        );
+        Plan::Shared(Lookup {
+            key,
+            freshness,
+            directives,
+            scope,
+        })
+    }
+
+    /// Records a request through `route` to the local `path` if it is a write (any method
+    /// but GET, HEAD, OPTIONS, TRACE): its repository's entries go, and requests in flight for
+    /// them take no new joiners. Returns the write, to [drop](Self::drop_written) again when
+    /// its answer has arrived.
+    pub fn note_write(&self, route: &Route, method: &Method, path: &str) -> Option<Write> {
+        if matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        ) {
+            return None;
+        }
+        let upstream_path = route.upstream_path(path);
+        let write = Write {
+            scope: key::repository_scope(route.upstream, &upstream_path),
+            repository_itself: key::is_repository_itself(route.upstream, &upstream_path),
+        };
+        self.drop_written(&write);
+        Some(write)
+    }
+
+    /// Drops what `write` makes stale, and keeps answers already under way out of the store.
+    pub fn drop_written(&self, write: &Write) {
+        lock(&self.epochs).record(write);
+        let in_scope = |key: &Key| {
+            let path = key.target.split('?').next().unwrap_or_default();
+            let scope = key::repository_scope(key.upstream, path);
+            write.drops(scope.as_deref(), policy::is_immutable(key.upstream, path))
+        };
+        lock(&self.flights).retain(|key, _| !in_scope(key));
+        lock(&self.store).retain(|key, _| !in_scope(key));
+    }
+
+    /// A stored entry for the lookup: `Ok` when fresh, `Err` when stale but still within the
+    /// route's `stale_if_error`. Expired entries past that are dropped.
+    fn stored(
+        &self,
+        client: &Client<'_>,
+        lookup: &Lookup,
+        now: Instant,
+    ) -> Option<Result<Arc<Entry>, Arc<Entry>>> {
+        let freshness = lookup.freshness?;
+        let mut store = lock(&self.store);
+        let entry = store.get(&lookup.key)?;
+        let Freshness::MaxAge(max_age) = freshness else {
+            return Some(Ok(entry));
+        };
+        let age = entry.age(now);
+        if age < max_age {
+            return Some(Ok(entry));
+        }
+        match client.route.cache.stale_if_error {
+            Some(window) if age < max_age + window => Some(Err(entry)),
+            _ => {
+                store.remove(&lookup.key);
+                None
+            }
+        }
+    }
+
+    /// After the governor refused a request: a fresh entry answers it anyway (it costs no
+    /// budget), and a stale one when the route allows `stale_if_error` for this refusal.
+    pub fn answer_refusal(
+        &self,
+        client: &Client<'_>,
+        lookup: &Lookup,
+        refusal: &ProxyError,
+    ) -> Option<Response<ProxyBody>> {
+        let now = Instant::now();
+        match self.stored(client, lookup, now)? {
+            Ok(entry) if lookup.directives.read_store => {
+                Some(self.entry_response(client, lookup, &entry, CacheStatus::Hit, None, now))
+            }
+            Ok(entry) | Err(entry) if policy::serves_stale_on_error(refusal) => {
+                Some(self.entry_response(client, lookup, &entry, CacheStatus::Stale, None, now))
+            }
+            _ => None,
+        }
+    }
+
+    /// Answers a request that takes part: from the store, from an identical request in
+    /// flight, or by leading an upstream request through `fetch`.
+    pub async fn respond<F, Fut>(
+        self: &Arc<Self>,
+        client: &Client<'_>,
+        lookup: Lookup,
+        request: Request<Incoming>,
+        fetch: F,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        F: FnOnce(Request<Incoming>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static,
+    {
+        let now = Instant::now();
+        let mut stale = None;
+        match self.stored(client, &lookup, now) {
+            Some(Ok(entry)) if lookup.directives.read_store => {
+                return Ok(self.entry_response(
+                    client,
+                    &lookup,
+                    &entry,
+                    CacheStatus::Hit,
+                    None,
+                    now,
+                ));
+            }
+            Some(Err(entry)) => stale = Some(entry),
+            _ => {}
+        }
+        let mut request = Some(request);
+        let mut fetch = Some(fetch);
+        let mut alone = !client.route.coalesce;
+        loop {
+            let (flight, owner) = {
+                let mut flights = lock(&self.flights);
+                match flights.get(&lookup.key) {
+                    Some(flight) if !alone => (flight.clone(), false),
+                    _ => {
+                        let flight = Flight::new(self.cap());
+                        if !alone {
+                            flights.insert(lookup.key.clone(), flight.clone());
+                        }
+                        (flight, true)
+                    }
+                }
+            };
+            if owner {
+                // A leader is never detached, so a request leads at most once.
+                let (Some(request), Some(fetch)) = (request.take(), fetch.take()) else {
+                    unreachable!("a request leads at most once");
+                };
+                self.lead(client, &lookup, &flight, request, fetch, !alone);
+            }
+            match flight.ready(owner).await {
+                Ready::Head(head) => {
+                    if let Some(entry) = &stale
+                        && policy::serves_stale_on_status(head.status)
+                    {
+                        return Ok(self.entry_response(
+                            client,
+                            &lookup,
+                            entry,
+                            CacheStatus::Stale,
+                            Some(head.status),
+                            Instant::now(),
+                        ));
+                    }
+                    let status = if owner {
+                        if lookup.directives.read_store {
+                            CacheStatus::Miss
+                        } else {
+                            CacheStatus::Request
+                        }
+                    } else {
+                        client
+                            .metrics
+                            .cache
+                            .coalesced
+                            .get_or_create(&client.labels())
+                            .inc();
+                        CacheStatus::Coalesced
+                    };
+                    let age = upstream_age(&head.headers) + flight.sent_at.elapsed();
+                    let body = flight.body(&head, owner);
+                    return Ok(respond_with(client, &head, body, status, age, None, None));
+                }
+                Ready::Failed(error) => {
+                    if let Some(entry) = &stale
+                        && policy::serves_stale_on_error(&error)
+                    {
+                        return Ok(self.entry_response(
+                            client,
+                            &lookup,
+                            entry,
+                            CacheStatus::Stale,
+                            None,
+                            Instant::now(),
+                        ));
+                    }
+                    return Err(error);
+                }
+                Ready::Detached => alone = true,
+            }
+        }
+    }
+
+    /// Runs the upstream request for `lookup` into `flight` in a task of its own, so it
+    /// finishes for the others (and the store) even if this client leaves. A `registered`
+    /// flight leaves the table of joinable requests when it ends.
+    fn lead<F, Fut>(
+        self: &Arc<Self>,
+        client: &Client<'_>,
+        lookup: &Lookup,
+        flight: &Arc<Flight>,
+        request: Request<Incoming>,
+        fetch: F,
+        registered: bool,
+    ) where
+        F: FnOnce(Request<Incoming>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static,
+    {
+        let started = lock(&self.epochs).seq;
+        let keep = lookup.freshness.is_some() && lookup.directives.write_store;
+        let cache = self.clone();
+        let key = lookup.key.clone();
+        let scope = lookup.scope.clone();
+        let idle = client.generation.config.upstream.idle_timeout;
+        let metrics = client.metrics.clone();
+        let flight = flight.clone();
+        tokio::spawn(async move {
+            let answer = fetch(request).await;
+            let filled = flight.fill(answer, idle).await;
+            if let (true, Filled::Complete(head, body)) = (keep, filled) {
+                cache.keep(&key, head, body, flight.sent_at, started, scope);
+                let store = lock(&cache.store);
+                metrics.cache.stored_bytes.set(store.bytes() as i64);
+                metrics.cache.stored_entries.set(store.len() as i64);
+            }
+            if registered {
+                let mut flights = lock(&cache.flights);
+                if flights
+                    .get(&key)
+                    .is_some_and(|current| Arc::ptr_eq(current, &flight))
+                {
+                    flights.remove(&key);
+                }
+            }
+        });
+    }
+
+    /// Stores a complete answer unless a write to its repository happened since its request
+    /// went out.
+    fn keep(
+        &self,
+        key: &Key,
+        head: Arc<Head>,
+        body: bytes::Bytes,
+        sent_at: Instant,
+        started: u64,
+        scope: Option<Box<str>>,
+    ) {
+        let path = key.target.split('?').next().unwrap_or_default();
+        let immutable = policy::is_immutable(key.upstream, path);
+        let epochs = lock(&self.epochs);
+        if !epochs.unchanged_since(started, scope.as_deref(), immutable) {
+            return;
+        }
+        let entry = Entry::new(
+            key,
+            head.clone(),
+            body,
+            sent_at,
+            upstream_age(&head.headers),
+            scope,
+        );
+        // Inserted while the write record is locked: a write cannot slip between the check and
+        // the insert.
+        lock(&self.store).insert(key.clone(), entry);
+        drop(epochs);
+    }
+
+    fn entry_response(
+        &self,
+        client: &Client<'_>,
+        lookup: &Lookup,
+        entry: &Entry,
+        status: CacheStatus,
+        fwd_status: Option<StatusCode>,
+        now: Instant,
+    ) -> Response<ProxyBody> {
+        let labels = client.labels();
+        match status {
+            CacheStatus::Stale => client.metrics.cache.stale.get_or_create(&labels).inc(),
+            _ => client.metrics.cache.hits.get_or_create(&labels).inc(),
+        };
+        let age = entry.age(now);
+        let ttl = match (status, lookup.freshness) {
+            (CacheStatus::Hit, Some(Freshness::MaxAge(max_age))) => {
+                Some(max_age.saturating_sub(age))
+            }
+            _ => None,
+        };
+        let body = if lookup.key.head {
+            LocalBody::default()
+        } else {
+            LocalBody::new(entry.body.clone())
+        };
+        respond_with(client, &entry.head, body, status, age, ttl, fwd_status)
+    }
+}
+
+/// The upstream's `Age`, if it sent one.
+fn upstream_age(headers: &http::HeaderMap) -> Duration {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// One client's response from a shared head and body: links rewritten for its route and host,
+/// `Age` and `Cache-Status` set.
+fn respond_with<B>(
+    client: &Client<'_>,
+    head: &Head,
+    body: B,
+    status: CacheStatus,
+    age: Duration,
+    ttl: Option<Duration>,
+    fwd_status: Option<StatusCode>,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
+{
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = head.status;
+    parts.headers = head.headers.clone();
+    let config = &client.generation.config;
+    let body = match rewrite::rewrite_any(
+        config,
+        &client.generation.patterns,
+        client.route,
+        client.host,
+        &mut parts,
+        body,
+    ) {
+        rewrite::Rewritten::Plain(body) => body.boxed_unsync(),
+        rewrite::Rewritten::Body(body) => body.boxed_unsync(),
+    };
+    parts
+        .headers
+        .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    parts
+        .headers
+        .insert(CACHE_STATUS, status.header(ttl, fwd_status));
+    parts.extensions.insert(status);
+    Response::from_parts(parts, ProxyBody::Boxed { body })
+}
