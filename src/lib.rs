@@ -12,6 +12,7 @@ pub mod config;
 pub mod credentials;
 pub mod egress;
 pub mod error;
+pub mod git_config;
 pub mod governor;
 pub mod headers;
 pub mod health;

@@ -26,6 +26,8 @@ use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
 struct Issues {
+    /// `check --offline`: read no secret and no CA file (see [`Mode::Offline`]).
+    mode: Mode,
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
     secret_sources: Vec<(String, SecretSource)>,
@@ -41,18 +43,37 @@ impl Issues {
     }
 }
 
-pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+/// What validation may read besides the config text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Everything: secrets and the CA file, as `run` needs them.
+    Full,
+    /// Nothing outside the config file, for linting a config away from its target host: each
+    /// secret's form is checked but its value is not read (the credential gets a placeholder,
+    /// so the result must never serve), and `ca_file` is not read.
+    Offline,
+}
+
+/// The secret an offline check puts where the real one would be.
+const OFFLINE_PLACEHOLDER: &str = "offline-check-placeholder";
+
+pub(super) fn validate(path: &Path, file: ConfigFile, mode: Mode) -> Result<Config, ConfigError> {
     let mut issues = Issues {
+        mode,
         issues: Vec::new(),
         warnings: Vec::new(),
         secret_sources: Vec::new(),
     };
-    let base_dir = path.parent().unwrap_or(Path::new("."));
+    // Absolute, so that paths in messages say which file was really meant.
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let base_dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned());
+    let base_dir = base_dir.as_path();
 
     let server = server_settings(&mut issues, &file);
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
+    warn_unreachable_listeners(&mut issues, &server);
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -62,7 +83,13 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             credentials: credentials.into_values().flatten().collect(),
             routes,
             secret_sources: issues.secret_sources,
-            warnings: issues.warnings,
+            // The same `FILE: ` prefix errors carry: with several configs (CI linting deploy/),
+            // a warning must say which file it is about.
+            warnings: issues
+                .warnings
+                .into_iter()
+                .map(|warning| format!("{}: {warning}", path.display()))
+                .collect(),
         })
     } else {
         Err(ConfigError {
@@ -243,6 +270,7 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
     let ca_file = section.ca_file.as_ref().map(|p| base_dir.join(p));
     let extra_roots = match &ca_file {
         None => Vec::new(),
+        Some(_) if issues.mode == Mode::Offline => Vec::new(),
         Some(path) => crate::upstream::read_ca_file(path).unwrap_or_else(|why| {
             issues.error("upstream.ca_file", why.to_string());
             Vec::new()
@@ -623,7 +651,15 @@ fn load_secret(
         }
         _ => spec,
     };
-    match spec.load() {
+    let loaded = match (issues.mode, spec.source()) {
+        (Mode::Offline, Ok(source)) if source != SecretSource::Inline => {
+            let mut placeholder = crate::secrets::Secret::from_runtime(OFFLINE_PLACEHOLDER.into());
+            placeholder.source = source;
+            Ok(placeholder)
+        }
+        _ => spec.load(),
+    };
+    match loaded {
         Ok(secret) => {
             issues
                 .secret_sources
@@ -659,7 +695,30 @@ fn load_secret(
 
 /// A prefix as configured: absolute, clean, without query, and without a trailing slash.
 fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
-    let why = if segment_prefix_matches(ADMIN_PREFIX.as_bytes(), prefix.as_bytes())
+    let Some(why) = prefix_problem(key, prefix) else {
+        return true;
+    };
+    // Suggest the corrected prefix only when it is itself valid: "2.0/repositories/acme/" needs
+    // a leading slash as much as it must lose the trailing one.
+    let fixed = format!(
+        "/{}",
+        prefix
+            .split('/')
+            .filter(|segment| !segment.is_empty())
+            .collect::<Vec<_>>()
+            .join("/")
+    );
+    let hint = if fixed != prefix && prefix_problem(key, &fixed).is_none() {
+        format!("write \"{fixed}\"")
+    } else {
+        "valid: \"/2.0/repositories/acme/widgets\"".to_owned()
+    };
+    issues.error(key, format!("`{prefix}` {why} ({hint})"));
+    false
+}
+
+fn prefix_problem(key: &str, prefix: &str) -> Option<String> {
+    if segment_prefix_matches(ADMIN_PREFIX.as_bytes(), prefix.as_bytes())
         && key.ends_with(".prefix")
     {
         Some(format!(
@@ -668,25 +727,12 @@ fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
     } else if prefix.contains(['?', '#']) {
         Some("must be a path only, without '?' or '#'".to_owned())
     } else if prefix.len() > 1 && prefix.ends_with('/') {
-        Some(format!(
-            "must not end with '/' (write \"{}\")",
-            prefix.trim_end_matches('/')
-        ))
+        Some("must not end with '/'".to_owned())
     } else {
         check_path(prefix).err().map(|e| {
             let e = e.to_string();
             e.strip_prefix("the path ").map(str::to_owned).unwrap_or(e)
         })
-    };
-    match why {
-        Some(why) => {
-            issues.error(
-                key,
-                format!("`{prefix}` {why} (valid: \"/2.0/repositories/acme/widgets\")"),
-            );
-            false
-        }
-        None => true,
     }
 }
 
@@ -814,5 +860,28 @@ fn scope_noun(scope: &Scope) -> &'static str {
         Scope::Repository { .. } => "repository",
         Scope::Project { .. } | Scope::Workspace { .. } => "workspace",
         Scope::Account => "account",
+    }
+}
+
+/// A listener other clients can reach while `allowed_clients` admits loopback only: every remote
+/// client would get 403, which is rarely what was meant.
+fn warn_unreachable_listeners(issues: &mut Issues, server: &ServerSettings) {
+    let loopback = |ip: IpAddr| ip.to_canonical().is_loopback();
+    let loopback_only = server
+        .allowed_clients
+        .iter()
+        .all(|net| loopback(net.network()) && loopback(net.broadcast()));
+    if !loopback_only {
+        return;
+    }
+    for (i, listen) in server.listen.iter().enumerate() {
+        if let ListenAddr::Tcp(addr) = listen
+            && !addr.ip().is_loopback()
+        {
+            issues.warnings.push(format!(
+                "server.listen[{i}]: `{addr}` accepts connections from other hosts, but allowed_clients admits loopback only, \
+                 so every remote client gets 403; add their network to server.allowed_clients (e.g. \"10.0.0.0/8\") or listen on 127.0.0.1"
+            ));
+        }
     }
 }
