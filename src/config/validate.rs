@@ -639,6 +639,7 @@ fn load_secret(
     spec: &SecretSpec,
     base_dir: &Path,
 ) -> Option<crate::secrets::Secret> {
+    let written = spec.source().map(drop);
     let resolved;
     let spec = match &spec.file {
         Some(path) if path.is_relative() => {
@@ -651,7 +652,10 @@ fn load_secret(
         }
         _ => spec,
     };
-    let loaded = match (issues.mode, spec.source()) {
+    // Ambiguity is judged on the spec as written: the resolved one above keeps only the file,
+    // which would hide `{ env = .., file = .. }` given together.
+    let loaded = match (issues.mode, written.and_then(|_| spec.source())) {
+        (_, Err(error)) => Err(error),
         (Mode::Offline, Ok(source)) if source != SecretSource::Inline => {
             let mut placeholder = crate::secrets::Secret::from_runtime(OFFLINE_PLACEHOLDER.into());
             placeholder.source = source;
