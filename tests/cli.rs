@@ -1062,3 +1062,87 @@ fn completions_and_man_page_generate() {
         assert!(stdout.contains(subcommand), "man page lacks {subcommand}");
     }
 }
+
+/// A whole-host `insteadOf https://bitbucket.org/` sends unrouted repositories to the proxy
+/// (404): no shipped file may show it.
+#[test]
+fn no_shipped_file_shows_the_unscoped_git_rewrite() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    walk(&root.join("deploy"), &mut files);
+    walk(&root.join("config"), &mut files);
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            let unscoped = line.contains("/git/.insteadOf")
+                || line.contains("/git/\".insteadOf")
+                || line.trim_end().ends_with("https://bitbucket.org/")
+                    && line.contains("insteadOf");
+            assert!(!unscoped, "{}:{}: {line}", file.display(), i + 1);
+        }
+    }
+}
+
+/// deploy/ci/start-proxy.sh, sourced by a POSIX shell: the proxy serves, git is rewritten for
+/// the config's git routes only, and the proxy stops when the shell exits.
+#[test]
+fn ci_start_script_rewrites_only_the_routed_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let config = write(
+        dir.path(),
+        "ci.toml",
+        &format!(
+            "[server]\nlisten = [\"{listen}\"]\n\n{}\n[[routes]]\nprefix = \"/git/acme\"\nupstream = \"git\"\nupstream_prefix = \"/acme\"\ncredential = \"acme\"\n",
+            std::fs::read_to_string(minimal_config(dir.path(), r#"{ value = "t" }"#)).unwrap()
+        ),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ci/start-proxy.sh");
+    let (out, stdout, stderr) = output(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                ". {script} >/dev/null && env | grep -E '^(GIT_CONFIG|GIT_TERMINAL|BITBUCKET_API_URL)' | sort"
+            ))
+            .current_dir(dir.path())
+            .env("BITBUCKET_AUTH_PROXY_BIN", BIN)
+            .env("BITBUCKET_AUTH_PROXY_URL", format!("http://{listen}"))
+            // The script's variable and the binary's are the same one.
+            .env("BITBUCKET_AUTH_PROXY_CONFIG", &config)
+            .env_remove("GIT_CONFIG_COUNT"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let env: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        env,
+        [
+            format!("BITBUCKET_API_URL=http://{listen}"),
+            "GIT_CONFIG_COUNT=1".to_owned(),
+            format!("GIT_CONFIG_KEY_0=url.http://{listen}/git/acme/.insteadOf"),
+            "GIT_CONFIG_VALUE_0=https://bitbucket.org/acme/".to_owned(),
+            "GIT_TERMINAL_PROMPT=0".to_owned(),
+        ],
+        "{stderr}"
+    );
+    // The EXIT trap stopped the proxy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(listen).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still listens on {listen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
