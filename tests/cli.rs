@@ -1146,3 +1146,36 @@ fn ci_start_script_rewrites_only_the_routed_workspace() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The image's OCI labels match Cargo.toml, and the compose example's token file (written
+/// inside the build context) is never sent to the builder.
+#[test]
+fn container_labels_match_the_package_and_the_token_stays_out_of_the_build_context() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let label = |name: &str| {
+        dockerfile
+            .lines()
+            .find_map(|line| {
+                line.trim_start()
+                    .trim_start_matches("LABEL ")
+                    .strip_prefix(&format!("org.opencontainers.image.{name}="))
+            })
+            .map(|value| value.trim_end_matches(" \\").trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("Dockerfile has no {name} label"))
+    };
+    assert_eq!(label("licenses"), env!("CARGO_PKG_LICENSE"));
+    assert_eq!(label("title"), env!("CARGO_PKG_NAME"));
+    assert_eq!(label("version"), "${VERSION}");
+    assert!(
+        dockerfile.contains(&format!("ARG VERSION={}\n", env!("CARGO_PKG_VERSION"))),
+        "Dockerfile's ARG VERSION is not Cargo.toml's version"
+    );
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    for pattern in ["deploy/bitbucket-token", "target/", ".git"] {
+        assert!(
+            ignored.lines().any(|line| line.trim() == pattern),
+            ".dockerignore lacks {pattern}"
+        );
+    }
+}
