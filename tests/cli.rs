@@ -836,6 +836,7 @@ listen = "127.0.0.1:8080"
 kind = "workspace_access_token"
 workspace = "acme"
 token = { env = "T" }
+verify = "yes"
 rate_limit = { per_hour = 10, brust = 5 }
 
 [[routes]]
@@ -865,6 +866,7 @@ methods = "GET"
             "upstream.http2",
             "server.max_in_flight",
             "server.listen",
+            "credentials.acme.verify",
             "credentials.acme.rate_limit.brust",
             "routes[0].prefix",
             "routes[1].methods",
@@ -878,7 +880,7 @@ methods = "GET"
             line[at + 6..line.len() - 1].parse().unwrap()
         })
         .collect();
-    assert_eq!(lines, [2, 5, 6, 12, 15, 21], "{stderr}");
+    assert_eq!(lines, [2, 5, 6, 12, 13, 16, 22], "{stderr}");
 }
 
 /// The hint for a prefix written as a relative path with a trailing slash is itself valid.

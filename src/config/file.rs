@@ -81,81 +81,166 @@ pub struct UpstreamSection {
     pub proxy_password: Option<SecretSpec>,
 }
 
+/// A `[credentials.NAME]` table, by its `kind`. Each kind's keys are a struct of their own, so
+/// that `parse` can deserialise a credential's keys with their spans (serde reads an internally
+/// tagged enum as one buffered table, and its errors point at the table, not the key).
 #[derive(Debug, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CredentialSection {
     /// A repository access token; `repository` is "workspace/repository".
-    RepositoryAccessToken {
-        repository: String,
-        token: SecretSpec,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
+    RepositoryAccessToken(RepositoryAccessTokenSection),
     /// A project access token, checked against its workspace.
-    ProjectAccessToken {
-        workspace: String,
-        project: String,
-        token: SecretSpec,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
+    ProjectAccessToken(ProjectAccessTokenSection),
     /// A workspace access token.
-    WorkspaceAccessToken {
-        workspace: String,
-        token: SecretSpec,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
-    /// An Atlassian API token; `email` is the account's email.
-    ApiToken {
-        email: String,
-        token: SecretSpec,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
+    WorkspaceAccessToken(WorkspaceAccessTokenSection),
+    /// An Atlassian API token; acts as its account on any path.
+    ApiToken(ApiTokenSection),
     /// An OAuth consumer (client credentials grant).
-    OauthClientCredentials {
-        client_id: String,
-        client_secret: SecretSpec,
-        token_url: Option<String>,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
+    OauthClientCredentials(OauthClientCredentialsSection),
     /// A legacy app password (no longer accepted by Bitbucket Cloud).
-    AppPassword {
-        username: String,
-        password: SecretSpec,
-        #[serde(default)]
-        verify: bool,
-        rate_limit: Option<RateLimitSection>,
-    },
+    AppPassword(AppPasswordSection),
+}
+
+/// `kind = "repository_access_token"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryAccessTokenSection {
+    /// The repository, "workspace/repository".
+    pub repository: String,
+    /// The token (a secret).
+    pub token: SecretSpec,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// `kind = "project_access_token"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectAccessTokenSection {
+    /// The workspace the project belongs to.
+    pub workspace: String,
+    /// The project key.
+    pub project: String,
+    /// The token (a secret).
+    pub token: SecretSpec,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// `kind = "workspace_access_token"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceAccessTokenSection {
+    /// The workspace.
+    pub workspace: String,
+    /// The token (a secret).
+    pub token: SecretSpec,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// `kind = "api_token"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenSection {
+    /// The Atlassian account email (not the username).
+    pub email: String,
+    /// The token (a secret).
+    pub token: SecretSpec,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// `kind = "oauth_client_credentials"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OauthClientCredentialsSection {
+    /// The consumer's key.
+    pub client_id: String,
+    /// The consumer's secret.
+    pub client_secret: SecretSpec,
+    /// The token endpoint. Default: "https://bitbucket.org/site/oauth2/access_token".
+    pub token_url: Option<String>,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
+}
+
+/// `kind = "app_password"`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppPasswordSection {
+    /// The Bitbucket username (not the email).
+    pub username: String,
+    /// The app password (a secret).
+    pub password: SecretSpec,
+    /// Check the credential against Bitbucket at start-up and every upstream.verify_interval.
+    #[serde(default)]
+    pub verify: bool,
+    /// Refuse locally (429) beyond this budget rather than spend Bitbucket's.
+    pub rate_limit: Option<RateLimitSection>,
 }
 
 impl CredentialSection {
+    /// Deserialises a credential's keys (its table without `kind`) as the given kind's struct,
+    /// only for the errors, which then carry the span of the offending key. `None` for an
+    /// unknown kind.
+    pub fn check_keys<'de, D: serde::Deserializer<'de>>(
+        kind: &str,
+        deserializer: D,
+    ) -> Option<Result<(), D::Error>> {
+        Some(match kind {
+            "repository_access_token" => {
+                RepositoryAccessTokenSection::deserialize(deserializer).map(drop)
+            }
+            "project_access_token" => {
+                ProjectAccessTokenSection::deserialize(deserializer).map(drop)
+            }
+            "workspace_access_token" => {
+                WorkspaceAccessTokenSection::deserialize(deserializer).map(drop)
+            }
+            "api_token" => ApiTokenSection::deserialize(deserializer).map(drop),
+            "oauth_client_credentials" => {
+                OauthClientCredentialsSection::deserialize(deserializer).map(drop)
+            }
+            "app_password" => AppPasswordSection::deserialize(deserializer).map(drop),
+            _ => return None,
+        })
+    }
+
     pub fn verify(&self) -> bool {
         match self {
-            CredentialSection::RepositoryAccessToken { verify, .. }
-            | CredentialSection::ProjectAccessToken { verify, .. }
-            | CredentialSection::WorkspaceAccessToken { verify, .. }
-            | CredentialSection::ApiToken { verify, .. }
-            | CredentialSection::AppPassword { verify, .. }
-            | CredentialSection::OauthClientCredentials { verify, .. } => *verify,
+            CredentialSection::RepositoryAccessToken(section) => section.verify,
+            CredentialSection::ProjectAccessToken(section) => section.verify,
+            CredentialSection::WorkspaceAccessToken(section) => section.verify,
+            CredentialSection::ApiToken(section) => section.verify,
+            CredentialSection::OauthClientCredentials(section) => section.verify,
+            CredentialSection::AppPassword(section) => section.verify,
         }
     }
 
     pub fn rate_limit(&self) -> Option<RateLimitSection> {
         match self {
-            CredentialSection::RepositoryAccessToken { rate_limit, .. }
-            | CredentialSection::ProjectAccessToken { rate_limit, .. }
-            | CredentialSection::WorkspaceAccessToken { rate_limit, .. }
-            | CredentialSection::ApiToken { rate_limit, .. }
-            | CredentialSection::AppPassword { rate_limit, .. }
-            | CredentialSection::OauthClientCredentials { rate_limit, .. } => *rate_limit,
+            CredentialSection::RepositoryAccessToken(section) => section.rate_limit,
+            CredentialSection::ProjectAccessToken(section) => section.rate_limit,
+            CredentialSection::WorkspaceAccessToken(section) => section.rate_limit,
+            CredentialSection::ApiToken(section) => section.rate_limit,
+            CredentialSection::OauthClientCredentials(section) => section.rate_limit,
+            CredentialSection::AppPassword(section) => section.rate_limit,
         }
     }
 }

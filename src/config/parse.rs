@@ -15,7 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::ConfigIssue;
-use super::file::ConfigFile;
+use super::file::{ConfigFile, CredentialSection};
 
 /// Enough rounds for every key of any sensible config to be at fault once.
 const MAX_ROUNDS: usize = 200;
@@ -66,8 +66,11 @@ pub(super) fn parse(text: &str) -> Result<ConfigFile, Vec<ConfigIssue>> {
             Ok(_) => return Err(into_issues(text, found)),
             Err(error) => error,
         };
-        let span = error.span().unwrap_or(0..0);
-        let message = error.message().trim_end();
+        let (span, message) = match credential_key_error(&tree, &entries, &error) {
+            Some(precise) => (precise.span().unwrap_or(0..0), precise.message().to_owned()),
+            None => (error.span().unwrap_or(0..0), error.message().to_owned()),
+        };
+        let message = message.trim_end();
         let Some(at) = innermost(&entries, &span) else {
             // At the document itself: nothing to drop, so nothing more to learn.
             found.push(Found {
@@ -109,6 +112,43 @@ pub(super) fn parse(text: &str) -> Result<ConfigFile, Vec<ConfigIssue>> {
         }
     }
     Err(into_issues(text, found))
+}
+
+/// serde reads a credential (an internally tagged enum) as one buffered table, so its errors
+/// carry the table's span. Deserialising the same keys as the kind's own struct yields the
+/// error again with the offending key's span.
+fn credential_key_error(
+    tree: &Spanned<DeTable<'_>>,
+    entries: &[Entry],
+    error: &toml::de::Error,
+) -> Option<toml::de::Error> {
+    let at = innermost(entries, &error.span()?)?;
+    let name = at.path.strip_prefix("credentials.")?;
+    let credentials = tree
+        .get_ref()
+        .iter()
+        .find(|(key, _)| key.get_ref() == "credentials")?
+        .1;
+    let DeValue::Table(credentials) = credentials.get_ref() else {
+        return None;
+    };
+    let (_, credential) = credentials.iter().find(|(key, _)| key.get_ref() == name)?;
+    let DeValue::Table(table) = credential.get_ref() else {
+        return None;
+    };
+    let mut keys = table.clone();
+    let kind_key = keys
+        .iter()
+        .find(|(key, _)| key.get_ref() == "kind")?
+        .0
+        .clone();
+    let kind = match keys.remove(&kind_key)?.into_inner() {
+        DeValue::String(kind) => kind,
+        _ => return None,
+    };
+    let deserializer =
+        toml::de::ValueDeserializer::from(Spanned::new(credential.span(), DeValue::Table(keys)));
+    CredentialSection::check_keys(&kind, deserializer)?.err()
 }
 
 fn into_issues(text: &str, mut found: Vec<Found>) -> Vec<ConfigIssue> {
@@ -261,5 +301,58 @@ fn prune_inside(value: &mut Spanned<DeValue<'_>>, span: &Range<usize>) -> bool {
             array.len() != before
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check_keys` names the kinds by hand; the schema lists the ones serde really accepts.
+    #[test]
+    fn check_keys_knows_every_credential_kind() {
+        let schema: serde_json::Value =
+            serde_json::from_str(&super::super::schema::json_schema()).unwrap();
+        let kinds: Vec<String> = schema["$defs"]["CredentialSection"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|variant| {
+                variant["properties"]["kind"]["const"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(kinds.len(), 6, "{kinds:?}");
+        for kind in kinds {
+            let empty = Spanned::new(0..0, DeValue::Table(DeTable::new()));
+            let checked =
+                CredentialSection::check_keys(&kind, toml::de::ValueDeserializer::from(empty));
+            let error = checked.unwrap_or_else(|| panic!("check_keys does not know {kind}"));
+            assert!(error.unwrap_err().message().starts_with("missing field"));
+        }
+        let empty = Spanned::new(0..0, DeValue::Table(DeTable::new()));
+        assert!(
+            CredentialSection::check_keys("bearer", toml::de::ValueDeserializer::from(empty))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_bad_value_inside_a_credential_is_reported_at_its_key() {
+        let issues = parse(
+            "[credentials.a]\nkind = \"api_token\"\nemail = \"a@b.example\"\ntoken = { env = \"T\" }\nrate_limit = { per_hour = \"many\" }\n",
+        )
+        .unwrap_err();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "credentials.a.rate_limit.per_hour");
+        assert!(
+            issues[0]
+                .message
+                .starts_with("expected a whole number, found string"),
+            "{issues:?}"
+        );
+        assert!(issues[0].message.ends_with("(line 5)"), "{issues:?}");
     }
 }

@@ -11,7 +11,11 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Uri};
 use ipnet::IpNet;
 
-use super::file::{ConfigFile, CredentialSection, RouteSection};
+use super::file::{
+    ApiTokenSection, AppPasswordSection, ConfigFile, CredentialSection,
+    OauthClientCredentialsSection, ProjectAccessTokenSection, RepositoryAccessTokenSection,
+    RouteSection, WorkspaceAccessTokenSection,
+};
 use super::{
     ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_GIT_URL, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
@@ -468,9 +472,11 @@ fn credential(
         }
     };
     match section {
-        CredentialSection::RepositoryAccessToken {
-            repository, token, ..
-        } => {
+        CredentialSection::RepositoryAccessToken(RepositoryAccessTokenSection {
+            repository,
+            token,
+            ..
+        }) => {
             let scope = match repository.split_once('/') {
                 Some((ws, repo)) if !ws.is_empty() && !repo.is_empty() && !repo.contains('/') => {
                     Some(Scope::Repository {
@@ -496,12 +502,12 @@ fn credential(
                 &token,
             ))
         }
-        CredentialSection::ProjectAccessToken {
+        CredentialSection::ProjectAccessToken(ProjectAccessTokenSection {
             workspace,
             project,
             token,
             ..
-        } => {
+        }) => {
             let ok =
                 non_empty(issues, "workspace", &workspace) & non_empty(issues, "project", &project);
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
@@ -514,9 +520,11 @@ fn credential(
                 )
             })
         }
-        CredentialSection::WorkspaceAccessToken {
-            workspace, token, ..
-        } => {
+        CredentialSection::WorkspaceAccessToken(WorkspaceAccessTokenSection {
+            workspace,
+            token,
+            ..
+        }) => {
             let ok = non_empty(issues, "workspace", &workspace);
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| {
@@ -528,7 +536,7 @@ fn credential(
                 )
             })
         }
-        CredentialSection::ApiToken { email, token, .. } => {
+        CredentialSection::ApiToken(ApiTokenSection { email, token, .. }) => {
             let mut ok = non_empty(issues, "email", &email);
             if ok && !email.contains('@') {
                 issues.error(
@@ -540,9 +548,9 @@ fn credential(
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| Credential::api_token(name, &email, &token))
         }
-        CredentialSection::AppPassword {
+        CredentialSection::AppPassword(AppPasswordSection {
             username, password, ..
-        } => {
+        }) => {
             let mut ok = non_empty(issues, "username", &username);
             if ok && username.contains(':') {
                 issues.error(format!("{key}.username"), "must not contain ':'");
@@ -555,12 +563,12 @@ fn credential(
             let password = load_secret(issues, &format!("{key}.password"), &password, base_dir)?;
             ok.then(|| Credential::app_password(name, &username, &password))
         }
-        CredentialSection::OauthClientCredentials {
+        CredentialSection::OauthClientCredentials(OauthClientCredentialsSection {
             client_id,
             client_secret,
             token_url,
             ..
-        } => {
+        }) => {
             let mut ok = non_empty(issues, "client_id", &client_id);
             if ok && client_id.contains(':') {
                 issues.error(format!("{key}.client_id"), "must not contain ':'");
