@@ -54,7 +54,10 @@ pub enum Command {
         shell: CompletionShell,
     },
     /// Print the man page (roff), e.g. `bitbucket-auth-proxy man > bitbucket-auth-proxy.1`.
-    Man,
+    Man {
+        /// A subcommand's own page instead (`man check` is bitbucket-auth-proxy-check(1)).
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,7 +76,15 @@ pub fn main() -> ExitCode {
         }
         Command::Schema => return print(crate::config::schema::json_schema().as_bytes()),
         Command::Completions { shell } => return print(&completions(*shell)),
-        Command::Man => return print(&man_page()),
+        Command::Man { subcommand } => {
+            return match man_page(subcommand.as_deref()) {
+                Ok(page) => print(&page),
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Run | Command::Check { .. } => {}
     }
     let Some(config_path) = cli.config else {
@@ -134,12 +145,34 @@ fn completions(shell: CompletionShell) -> Vec<u8> {
     out
 }
 
-fn man_page() -> Vec<u8> {
+/// The top-level page, or a subcommand's as `bitbucket-auth-proxy-NAME`, the way git names its
+/// subcommand pages.
+fn man_page(subcommand: Option<&str>) -> Result<Vec<u8>, String> {
+    let command = Cli::command();
+    let page = match subcommand {
+        None => command,
+        Some(name) => {
+            let full_name = format!("{}-{name}", command.get_name());
+            command
+                .get_subcommands()
+                .find(|sub| sub.get_name() == name && name != "help")
+                .cloned()
+                .ok_or_else(|| {
+                    let names: Vec<&str> = command
+                        .get_subcommands()
+                        .map(clap::Command::get_name)
+                        .filter(|n| *n != "help")
+                        .collect();
+                    format!("`{name}` is not a subcommand (valid: {})", names.join(", "))
+                })?
+                .name(full_name)
+        }
+    };
     let mut out = Vec::new();
-    clap_mangen::Man::new(Cli::command())
+    clap_mangen::Man::new(page)
         .render(&mut out)
-        .expect("rendering into memory cannot fail");
-    out
+        .map_err(|error| format!("cannot render the man page: {error}"))?;
+    Ok(out)
 }
 
 fn load(path: &std::path::Path, mode: Mode) -> Result<Config, ExitCode> {

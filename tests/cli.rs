@@ -1063,6 +1063,17 @@ fn completions_and_man_page_generate() {
     for subcommand in ["check", "health", "schema", "completions"] {
         assert!(stdout.contains(subcommand), "man page lacks {subcommand}");
     }
+    // Each subcommand has its own page, with its options.
+    let (out, stdout, stderr) = output(bin().args(["man", "check"]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(".TH bitbucket-auth-proxy-check 1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\\-\\-offline"), "{stdout}");
+    let (out, _, stderr) = output(bin().args(["man", "serve"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("`serve` is not a subcommand"), "{stderr}");
 }
 
 /// A whole-host `insteadOf https://bitbucket.org/` sends unrouted repositories to the proxy
