@@ -148,7 +148,9 @@ fn completions(shell: CompletionShell) -> Vec<u8> {
 /// The top-level page, or a subcommand's as `bitbucket-auth-proxy-NAME`, the way git names its
 /// subcommand pages.
 fn man_page(subcommand: Option<&str>) -> Result<Vec<u8>, String> {
-    let command = Cli::command();
+    let mut command = Cli::command();
+    // Propagates the global options (--config, --log-format) into each subcommand's page.
+    command.build();
     let page = match subcommand {
         None => command,
         Some(name) => {
@@ -166,6 +168,7 @@ fn man_page(subcommand: Option<&str>) -> Result<Vec<u8>, String> {
                     format!("`{name}` is not a subcommand (valid: {})", names.join(", "))
                 })?
                 .name(full_name)
+                .version(env!("CARGO_PKG_VERSION"))
         }
     };
     let mut out = Vec::new();
