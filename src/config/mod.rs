@@ -2,6 +2,7 @@
 //! proxy runs on. Every problem is reported at once, each naming the file, the key and what
 //! would be valid.
 
+mod checks;
 mod file;
 mod parse;
 pub mod schema;

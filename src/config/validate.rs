@@ -17,15 +17,14 @@ use super::file::{
     RouteSection, WorkspaceAccessTokenSection,
 };
 use super::{
-    ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_GIT_URL, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin,
-    ServerSettings, UpstreamSettings,
+    Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GIT_URL,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT,
+    DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings,
+    UpstreamSettings,
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
-use crate::path::check_path;
-use crate::routing::{Route, RouteTable, segment_prefix_matches};
+use crate::routing::{Route, RouteTable};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
@@ -77,7 +76,9 @@ pub(super) fn validate(path: &Path, file: ConfigFile, mode: Mode) -> Result<Conf
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
-    warn_unreachable_listeners(&mut issues, &server);
+    issues
+        .warnings
+        .extend(super::checks::unreachable_listener_warnings(&server));
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -707,44 +708,12 @@ fn load_secret(
 
 /// A prefix as configured: absolute, clean, without query, and without a trailing slash.
 fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
-    let Some(why) = prefix_problem(key, prefix) else {
-        return true;
-    };
-    // Suggest the corrected prefix only when it is itself valid: "2.0/repositories/acme/" needs
-    // a leading slash as much as it must lose the trailing one.
-    let fixed = format!(
-        "/{}",
-        prefix
-            .split('/')
-            .filter(|segment| !segment.is_empty())
-            .collect::<Vec<_>>()
-            .join("/")
-    );
-    let hint = if fixed != prefix && prefix_problem(key, &fixed).is_none() {
-        format!("write \"{fixed}\"")
-    } else {
-        "valid: \"/2.0/repositories/acme/widgets\"".to_owned()
-    };
-    issues.error(key, format!("`{prefix}` {why} ({hint})"));
-    false
-}
-
-fn prefix_problem(key: &str, prefix: &str) -> Option<String> {
-    if segment_prefix_matches(ADMIN_PREFIX.as_bytes(), prefix.as_bytes())
-        && key.ends_with(".prefix")
-    {
-        Some(format!(
-            "is reserved: `{ADMIN_PREFIX}/` holds the proxy's own endpoints"
-        ))
-    } else if prefix.contains(['?', '#']) {
-        Some("must be a path only, without '?' or '#'".to_owned())
-    } else if prefix.len() > 1 && prefix.ends_with('/') {
-        Some("must not end with '/'".to_owned())
-    } else {
-        check_path(prefix).err().map(|e| {
-            let e = e.to_string();
-            e.strip_prefix("the path ").map(str::to_owned).unwrap_or(e)
-        })
+    match super::checks::prefix_error(key, prefix) {
+        Some(message) => {
+            issues.error(key, message);
+            false
+        }
+        None => true,
     }
 }
 
@@ -872,28 +841,5 @@ fn scope_noun(scope: &Scope) -> &'static str {
         Scope::Repository { .. } => "repository",
         Scope::Project { .. } | Scope::Workspace { .. } => "workspace",
         Scope::Account => "account",
-    }
-}
-
-/// A listener other clients can reach while `allowed_clients` admits loopback only: every remote
-/// client would get 403, which is rarely what was meant.
-fn warn_unreachable_listeners(issues: &mut Issues, server: &ServerSettings) {
-    let loopback = |ip: IpAddr| ip.to_canonical().is_loopback();
-    let loopback_only = server
-        .allowed_clients
-        .iter()
-        .all(|net| loopback(net.network()) && loopback(net.broadcast()));
-    if !loopback_only {
-        return;
-    }
-    for (i, listen) in server.listen.iter().enumerate() {
-        if let ListenAddr::Tcp(addr) = listen
-            && !addr.ip().is_loopback()
-        {
-            issues.warnings.push(format!(
-                "server.listen[{i}]: `{addr}` accepts connections from other hosts, but allowed_clients admits loopback only, \
-                 so every remote client gets 403; add their network to server.allowed_clients (e.g. \"10.0.0.0/8\") or listen on 127.0.0.1"
-            ));
-        }
     }
 }
