@@ -6,6 +6,12 @@
 #   docker build -t bitbucket-auth-proxy .
 #   docker run --rm -e BITBUCKET_TOKEN -p 127.0.0.1:8080:8080 bitbucket-auth-proxy
 #
+# The OCI labels' revision and creation time come from build arguments (.git is not in the build
+# context), e.g.
+#   docker build -t bitbucket-auth-proxy \
+#     --build-arg REVISION="$(git rev-parse HEAD)" \
+#     --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" .
+#
 # Deployment examples (docker compose, Kubernetes, systemd, CI) are in deploy/.
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -30,7 +36,20 @@ RUN touch src/main.rs src/lib.rs \
 # ---- run -----------------------------------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot
 
+# Keep VERSION in step with Cargo.toml's `version`.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="bitbucket-auth-proxy" \
+      org.opencontainers.image.description="Keeps Bitbucket Cloud credentials in one process: local clients call it without secrets, it injects the right token per path and forwards over TLS" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+
 COPY --from=builder /usr/local/bin/bitbucket-auth-proxy /usr/local/bin/bitbucket-auth-proxy
+COPY LICENSE-MIT LICENSE-APACHE /usr/share/doc/bitbucket-auth-proxy/
 # The default config listens on 0.0.0.0:8080 for clients on private (bridge/pod) networks and
 # reads the token from BITBUCKET_TOKEN. Mount your own over it:
 #   -v "$PWD/proxy.toml:/etc/bitbucket-auth-proxy/config.toml:ro"

@@ -1,11 +1,12 @@
-//! The command line: `run` (default) and `check`.
+//! The command line: `run` (default), `check`, `health`, and the generators `schema`,
+//! `completions` and `man` (which read no config).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::config::{CONFIG_ENV, Config, ConfigError};
+use crate::config::{CONFIG_ENV, Config, ConfigError, Mode};
 use crate::telemetry::{LogFormat, init_logging};
 
 #[derive(Debug, Parser)]
@@ -31,8 +32,13 @@ pub struct Cli {
 pub enum Command {
     /// Serve (the default).
     Run,
-    /// Validate the config and every secret, print the route table, and exit.
-    Check,
+    /// Validate the config and every secret, print the route table and the git config lines, and exit.
+    Check {
+        /// Validate everything but read no secret and no CA file (and touch no network), to lint
+        /// a config away from the host it is meant for, e.g. in CI.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Probe a running proxy's `/-/health` (for container health checks; needs no shell).
     Health {
         /// The health URL; default: the first `server.listen` entry of --config, or
@@ -40,20 +46,56 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         url: Option<String>,
     },
+    /// Print the config file's JSON Schema (the same as config/schema.json).
+    Schema,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell to complete for.
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff), e.g. `bitbucket-auth-proxy man > bitbucket-auth-proxy.1`.
+    Man {
+        /// A subcommand's own page instead (`man check` is bitbucket-auth-proxy-check(1)).
+        subcommand: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
-    if let Command::Health { url } = &command {
-        return crate::health::probe_command(url.as_deref(), cli.config.as_deref());
+    match &command {
+        Command::Health { url } => {
+            return crate::health::probe_command(url.as_deref(), cli.config.as_deref());
+        }
+        Command::Schema => return print(crate::config::schema::json_schema().as_bytes()),
+        Command::Completions { shell } => return print(&completions(*shell)),
+        Command::Man { subcommand } => {
+            return match man_page(subcommand.as_deref()) {
+                Ok(page) => print(&page),
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Run | Command::Check { .. } => {}
     }
     let Some(config_path) = cli.config else {
         eprintln!("error: no config file given: pass --config FILE or set {CONFIG_ENV}");
         return ExitCode::from(2);
     };
-    if let Command::Check = command {
-        check(&config_path)
+    if let Command::Check { offline } = command {
+        check(
+            &config_path,
+            if offline { Mode::Offline } else { Mode::Full },
+        )
     } else {
         run(&config_path, cli.log_format)
     }
@@ -76,8 +118,68 @@ fn worker_threads(value: Option<std::ffi::OsString>) -> Result<Option<usize>, St
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|error| {
+/// Writes generated output to stdout; a closed pipe (`| head`) is not worth a panic.
+fn print(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: cannot write to stdout: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn completions(shell: CompletionShell) -> Vec<u8> {
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut command = Cli::command();
+    let name = command.get_name().to_owned();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, name, &mut out);
+    out
+}
+
+/// The top-level page, or a subcommand's as `bitbucket-auth-proxy-NAME`, the way git names its
+/// subcommand pages.
+fn man_page(subcommand: Option<&str>) -> Result<Vec<u8>, String> {
+    let mut command = Cli::command();
+    // Propagates the global options (--config, --log-format) into each subcommand's page.
+    command.build();
+    let page = match subcommand {
+        None => command,
+        Some(name) => {
+            let full_name = format!("{}-{name}", command.get_name());
+            command
+                .get_subcommands()
+                .find(|sub| sub.get_name() == name && name != "help")
+                .cloned()
+                .ok_or_else(|| {
+                    let names: Vec<&str> = command
+                        .get_subcommands()
+                        .map(clap::Command::get_name)
+                        .filter(|n| *n != "help")
+                        .collect();
+                    format!("`{name}` is not a subcommand (valid: {})", names.join(", "))
+                })?
+                .name(full_name)
+                .version(env!("CARGO_PKG_VERSION"))
+        }
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .map_err(|error| format!("cannot render the man page: {error}"))?;
+    Ok(out)
+}
+
+fn load(path: &std::path::Path, mode: Mode) -> Result<Config, ExitCode> {
+    Config::load_with(path, mode).map_err(|error| {
         report_config_error(&error);
         ExitCode::FAILURE
     })
@@ -106,8 +208,8 @@ fn report_config_error(error: &ConfigError) {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let config = match load(path) {
+fn check(path: &std::path::Path, mode: Mode) -> ExitCode {
+    let config = match load(path, mode) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -115,8 +217,9 @@ fn check(path: &std::path::Path) -> ExitCode {
         eprintln!("warning: {warning}");
     }
     print!("{}", crate::config::describe_routes(&config));
+    print!("{}", crate::git_config::describe(&config));
     println!(
-        "{}: OK ({} credential{}, {} route{})",
+        "{}: OK ({} credential{}, {} route{}{})",
         path.display(),
         config.credentials.len(),
         if config.credentials.len() == 1 {
@@ -130,13 +233,18 @@ fn check(path: &std::path::Path) -> ExitCode {
         } else {
             "s"
         },
+        if mode == Mode::Offline {
+            "; offline: no secret or CA file read"
+        } else {
+            ""
+        },
     );
     ExitCode::SUCCESS
 }
 
 fn run(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
     let _flush_logs_on_exit = init_logging(log_format);
-    let config = match load(path) {
+    let config = match load(path, Mode::Full) {
         Ok(config) => config,
         Err(code) => return code,
     };

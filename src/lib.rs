@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod egress;
 pub mod error;
 pub mod gate;
+pub mod git_config;
 pub mod governor;
 pub mod headers;
 pub mod health;

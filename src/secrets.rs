@@ -17,11 +17,15 @@ use zeroize::Zeroizing;
 ///
 /// Deserialised as a struct of options rather than an untagged enum so that a typo gets an error
 /// naming the key instead of serde's "did not match any variant".
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSpec {
+    /// An environment variable holding the secret.
     pub env: Option<String>,
+    /// A file holding the secret (one trailing newline is trimmed); relative to the config file.
     pub file: Option<PathBuf>,
+    /// The secret itself, written in the config (accepted with a warning).
+    #[schemars(with = "Option<String>")]
     pub value: Option<SecretString>,
 }
 

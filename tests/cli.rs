@@ -772,3 +772,481 @@ async fn read_all<R: tokio::io::AsyncRead + Unpin>(mut reader: R) -> String {
     let _ = reader.read_to_end(&mut buf).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+// ---------------------------------------------------------------------------
+// Config linting: check --offline, schema errors, hints, warnings
+// ---------------------------------------------------------------------------
+
+/// Every config this repository ships, under config/ and deploy/.
+fn shipped_and_deploy_configs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|ext| ext == "toml") {
+                out.push(path);
+            }
+        }
+    }
+    let mut configs = Vec::new();
+    for dir in ["config", "deploy"] {
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
+            &mut configs,
+        );
+    }
+    configs.sort();
+    configs
+}
+
+/// CI lints the deploy/ configs away from their hosts: no secret files, no token variables.
+#[test]
+fn check_offline_passes_on_every_config_under_deploy_and_config() {
+    let configs = shipped_and_deploy_configs();
+    assert!(configs.len() >= 7, "{configs:?}");
+    for config in configs {
+        let (out, stdout, stderr) = output(
+            bin()
+                .args(["check", "--offline", "--config"])
+                .arg(&config)
+                .env_remove("BITBUCKET_TOKEN")
+                .env_remove("BB_PROXY_TOKEN"),
+        );
+        let name = config.display();
+        assert!(out.status.success(), "{name}:\n{stdout}{stderr}");
+        assert!(stdout.contains("OK ("), "{name}:\n{stdout}");
+        assert!(stdout.contains("offline"), "{name}:\n{stdout}");
+        assert!(!stderr.contains("error"), "{name}:\n{stderr}");
+    }
+}
+
+/// Offline still checks everything in the file, and still refuses a malformed secret spec.
+#[test]
+fn check_offline_reads_no_secret_but_validates_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let unread = minimal_config(dir.path(), r#"{ file = "/nonexistent/bbap-token" }"#);
+    let (out, stdout, stderr) = output(bin().args(["check", "--offline", "-c"]).arg(&unread));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // Without --offline the same file fails on the secret, naming the resolved path.
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&unread));
+    assert!(!out.status.success());
+    assert!(stderr.contains("/nonexistent/bbap-token"), "{stderr}");
+
+    let broken = minimal_config(dir.path(), r#"{ env = "A", file = "b" }"#);
+    let (out, _, stderr) = output(bin().args(["check", "--offline", "-c"]).arg(&broken));
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("credentials.acme.token: give exactly one of"),
+        "{stderr}"
+    );
+}
+
+/// A relative secret file is reported at the path it was looked for, not as written.
+#[test]
+fn relative_secret_paths_are_shown_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), r#"{ file = "secrets/token" }"#);
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&config));
+    assert!(!out.status.success());
+    let resolved = dir.path().join("secrets/token");
+    assert!(stderr.contains(&resolved.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn a_type_error_names_the_key_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "typed.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n\n[upstream]\napi_url = \"https://api.bitbucket.org\"\ntimeout = 60\n\n{}",
+            std::fs::read_to_string(minimal_config(dir.path(), r#"{ value = "t" }"#)).unwrap()
+        ),
+    );
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&config));
+    assert!(!out.status.success());
+    let expected = format!(
+        "error: {}: upstream.timeout: expected a duration like \"60s\"",
+        config.display()
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with(&expected), "{stderr}");
+    assert!(lines[0].contains("line 6"), "{stderr}");
+}
+
+/// Schema errors in different tables are all reported, in the order they appear in the file.
+#[test]
+fn schema_errors_are_reported_together_in_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "schema.toml",
+        r#"[upstream]
+http2 = "yes"
+
+[server]
+max_in_flight = -1
+listen = "127.0.0.1:8080"
+
+[credentials.acme]
+kind = "workspace_access_token"
+workspace = "acme"
+token = { env = "T" }
+verify = "yes"
+rate_limit = { per_hour = 10, brust = 5 }
+
+[[routes]]
+prefix = 5
+credential = "acme"
+
+[[routes]]
+prefix = "/2.0/repositories/acme"
+credential = "acme"
+methods = "GET"
+"#,
+    );
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&config));
+    assert!(!out.status.success());
+    let keys: Vec<&str> = stderr
+        .lines()
+        .map(|line| {
+            let rest = line
+                .strip_prefix(&format!("error: {}: ", config.display()))
+                .unwrap_or_else(|| panic!("no FILE: prefix: {line}"));
+            rest.split(": ").next().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "upstream.http2",
+            "server.max_in_flight",
+            "server.listen",
+            "credentials.acme.verify",
+            "credentials.acme.rate_limit.brust",
+            "routes[0].prefix",
+            "routes[1].methods",
+        ],
+        "{stderr}"
+    );
+    let lines: Vec<usize> = stderr
+        .lines()
+        .map(|line| {
+            let at = line.rfind("(line ").expect("a line number");
+            line[at + 6..line.len() - 1].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(lines, [2, 5, 6, 12, 13, 16, 22], "{stderr}");
+}
+
+/// The hint for a prefix written as a relative path with a trailing slash is itself valid.
+#[test]
+fn the_suggested_prefix_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |prefix: &str| {
+        format!(
+            "[credentials.acme]\nkind = \"workspace_access_token\"\nworkspace = \"acme\"\ntoken = {{ value = \"t\" }}\n\n[[routes]]\nprefix = {}\ncredential = \"acme\"\n",
+            toml_string(prefix)
+        )
+    };
+    let config = write(dir.path(), "hint.toml", &text("2.0/repositories/acme/"));
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&config));
+    assert!(!out.status.success());
+    let suggested = stderr
+        .split_once("write \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(prefix, _)| prefix.to_owned())
+        .unwrap_or_else(|| panic!("no suggestion:\n{stderr}"));
+    assert_eq!(suggested, "/2.0/repositories/acme");
+    let fixed = write(dir.path(), "fixed.toml", &text(&suggested));
+    let (out, stdout, stderr) = output(bin().arg("check").arg("-c").arg(&fixed));
+    assert!(out.status.success(), "{stdout}{stderr}");
+}
+
+#[test]
+fn warnings_name_the_file_and_a_public_listener_with_loopback_clients_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "public.toml",
+        &format!(
+            "[server]\nlisten = [\"0.0.0.0:8080\", \"127.0.0.1:8081\"]\n\n{}",
+            std::fs::read_to_string(minimal_config(dir.path(), r#"{ value = "t" }"#)).unwrap()
+        ),
+    );
+    let (out, stdout, stderr) = output(bin().arg("check").arg("-c").arg(&config));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let prefix = format!("warning: {}: ", config.display());
+    for line in stderr.lines() {
+        assert!(line.starts_with(&prefix), "{line}");
+    }
+    let listen: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("server.listen"))
+        .collect();
+    assert_eq!(listen.len(), 1, "{stderr}");
+    assert!(
+        listen[0].contains("server.listen[0]")
+            && listen[0].contains("0.0.0.0:8080")
+            && listen[0].contains("403"),
+        "{stderr}"
+    );
+    // Naming the clients' network removes the warning.
+    let open = write(
+        dir.path(),
+        "open.toml",
+        &std::fs::read_to_string(&config).unwrap().replace(
+            "[server]\n",
+            "[server]\nallowed_clients = [\"10.0.0.0/8\"]\n",
+        ),
+    );
+    let (out, _, stderr) = output(bin().arg("check").arg("-c").arg(&open));
+    assert!(out.status.success());
+    assert!(!stderr.contains("server.listen"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// git config lines, schema, completions, man page
+// ---------------------------------------------------------------------------
+
+#[test]
+fn check_prints_scoped_git_config_lines_for_the_git_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = full_config(
+        dir.path(),
+        "listen = [\"0.0.0.0:8080\"]\nallowed_clients = [\"10.0.0.0/8\", \"127.0.0.1\"]",
+        "",
+        "https://api.bitbucket.org",
+        "https://bitbucket.org",
+    );
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[[routes]]\nprefix = \"/git/acme\"\nupstream = \"git\"\nupstream_prefix = \"/acme\"\ncredential = \"acme-all\"\n";
+    std::fs::write(&config, text).unwrap();
+    let (out, stdout, stderr) = output(bin().args(["check", "--offline", "-c"]).arg(&config));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("git config"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            // A repository route: exactly that repository's URL.
+            "git config --global url.\"http://127.0.0.1:8080/git/acme/widgets.git\".insteadOf https://bitbucket.org/acme/widgets.git",
+            // A workspace route: the workspace with its slash, so `acme-evil/` stays direct.
+            "git config --global url.\"http://127.0.0.1:8080/git/acme/\".insteadOf https://bitbucket.org/acme/",
+        ],
+        "{stdout}"
+    );
+
+    // public_url, when set, is where clients reach the proxy.
+    let public = std::fs::read_to_string(&config).unwrap().replace(
+        "[server]\n",
+        "[server]\npublic_url = \"http://bitbucket-proxy.ci.internal:8080\"\n",
+    );
+    std::fs::write(&config, public).unwrap();
+    let (out, stdout, _) = output(bin().args(["check", "--offline", "-c"]).arg(&config));
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("url.\"http://bitbucket-proxy.ci.internal:8080/git/acme/\".insteadOf https://bitbucket.org/acme/"),
+        "{stdout}"
+    );
+}
+
+const SCHEMA_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/schema.json");
+
+/// Editors validate configs against config/schema.json: it must match the types the proxy
+/// really deserialises.
+#[test]
+fn committed_json_schema_is_current() {
+    let generated = bitbucket_auth_proxy::config::schema::json_schema();
+    let committed = std::fs::read_to_string(SCHEMA_FILE).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "config/schema.json is out of date with src/config/file.rs; regenerate it with\n\n    \
+         cargo run --quiet -- schema > config/schema.json\n"
+    );
+    let (out, stdout, stderr) = output(bin().arg("schema"));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, generated);
+    let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
+    let keys = schema["$defs"]["UpstreamSection"]["properties"]
+        .as_object()
+        .unwrap();
+    assert!(keys.contains_key("timeout") && keys.contains_key("proxy_password"));
+    assert_eq!(schema["additionalProperties"], false);
+}
+
+/// Every shipped config names the schema for taplo / Even Better TOML.
+#[test]
+fn shipped_configs_name_the_schema() {
+    for config in shipped_and_deploy_configs() {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let directive = text
+            .lines()
+            .find(|line| line.starts_with("#:schema "))
+            .unwrap_or_else(|| panic!("{} has no #:schema line", config.display()));
+        let target = directive.trim_start_matches("#:schema ").trim();
+        let resolved = config.parent().unwrap().join(target);
+        assert!(
+            resolved.canonicalize().ok() == Path::new(SCHEMA_FILE).canonicalize().ok(),
+            "{}: {directive} does not lead to config/schema.json",
+            config.display()
+        );
+    }
+}
+
+#[test]
+fn completions_and_man_page_generate() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (out, stdout, stderr) = output(bin().args(["completions", shell]));
+        assert!(out.status.success(), "{shell}: {stderr}");
+        for word in ["check", "health", "offline", "config"] {
+            assert!(stdout.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let (out, _, stderr) = output(bin().args(["completions", "tcsh"]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+
+    let (out, stdout, stderr) = output(bin().arg("man"));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.starts_with(".ie") || stdout.contains(".TH"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("bitbucket\\-auth\\-proxy"), "{stdout}");
+    for subcommand in ["check", "health", "schema", "completions"] {
+        assert!(stdout.contains(subcommand), "man page lacks {subcommand}");
+    }
+    // Each subcommand has its own page, with its options.
+    let (out, stdout, stderr) = output(bin().args(["man", "check"]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(".TH bitbucket-auth-proxy-check 1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\\-\\-offline"), "{stdout}");
+    let (out, _, stderr) = output(bin().args(["man", "serve"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("`serve` is not a subcommand"), "{stderr}");
+}
+
+/// A whole-host `insteadOf https://bitbucket.org/` sends unrouted repositories to the proxy
+/// (404): no shipped file may show it.
+#[test]
+fn no_shipped_file_shows_the_unscoped_git_rewrite() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    walk(&root.join("deploy"), &mut files);
+    walk(&root.join("config"), &mut files);
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            let unscoped = line.contains("/git/.insteadOf")
+                || line.contains("/git/\".insteadOf")
+                || line.trim_end().ends_with("https://bitbucket.org/")
+                    && line.contains("insteadOf");
+            assert!(!unscoped, "{}:{}: {line}", file.display(), i + 1);
+        }
+    }
+}
+
+/// deploy/ci/start-proxy.sh, sourced by a POSIX shell: the proxy serves, git is rewritten for
+/// the config's git routes only, and the proxy stops when the shell exits.
+#[test]
+fn ci_start_script_rewrites_only_the_routed_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let config = write(
+        dir.path(),
+        "ci.toml",
+        &format!(
+            "[server]\nlisten = [\"{listen}\"]\n\n{}\n[[routes]]\nprefix = \"/git/acme\"\nupstream = \"git\"\nupstream_prefix = \"/acme\"\ncredential = \"acme\"\n",
+            std::fs::read_to_string(minimal_config(dir.path(), r#"{ value = "t" }"#)).unwrap()
+        ),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ci/start-proxy.sh");
+    let (out, stdout, stderr) = output(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                ". {script} >/dev/null && env | grep -E '^(GIT_CONFIG|GIT_TERMINAL|BITBUCKET_API_URL)' | sort"
+            ))
+            .current_dir(dir.path())
+            .env("BITBUCKET_AUTH_PROXY_BIN", BIN)
+            .env("BITBUCKET_AUTH_PROXY_URL", format!("http://{listen}"))
+            // The script's variable and the binary's are the same one.
+            .env("BITBUCKET_AUTH_PROXY_CONFIG", &config)
+            .env_remove("GIT_CONFIG_COUNT"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let env: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        env,
+        [
+            format!("BITBUCKET_API_URL=http://{listen}"),
+            "GIT_CONFIG_COUNT=1".to_owned(),
+            format!("GIT_CONFIG_KEY_0=url.http://{listen}/git/acme/.insteadOf"),
+            "GIT_CONFIG_VALUE_0=https://bitbucket.org/acme/".to_owned(),
+            "GIT_TERMINAL_PROMPT=0".to_owned(),
+        ],
+        "{stderr}"
+    );
+    // The EXIT trap stopped the proxy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(listen).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still listens on {listen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The image's OCI labels match Cargo.toml, and the compose example's token file (written
+/// inside the build context) is never sent to the builder.
+#[test]
+fn container_labels_match_the_package_and_the_token_stays_out_of_the_build_context() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let label = |name: &str| {
+        dockerfile
+            .lines()
+            .find_map(|line| {
+                line.trim_start()
+                    .trim_start_matches("LABEL ")
+                    .strip_prefix(&format!("org.opencontainers.image.{name}="))
+            })
+            .map(|value| value.trim_end_matches(" \\").trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("Dockerfile has no {name} label"))
+    };
+    assert_eq!(label("licenses"), env!("CARGO_PKG_LICENSE"));
+    assert_eq!(label("title"), env!("CARGO_PKG_NAME"));
+    assert_eq!(label("version"), "${VERSION}");
+    assert!(
+        dockerfile.contains(&format!("ARG VERSION={}\n", env!("CARGO_PKG_VERSION"))),
+        "Dockerfile's ARG VERSION is not Cargo.toml's version"
+    );
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    for pattern in ["deploy/bitbucket-token", "target/", ".git"] {
+        assert!(
+            ignored.lines().any(|line| line.trim() == pattern),
+            ".dockerignore lacks {pattern}"
+        );
+    }
+}

@@ -1078,16 +1078,38 @@ async fn expect_100_continue_from_git_works() {
     );
 }
 
-/// The README's one-liner for CI runners: existing `https://bitbucket.org/...` remotes go
-/// through the proxy unchanged.
+/// The `git config` line `check` prints for a repository route (README, CI runners): the
+/// existing `https://bitbucket.org/acme/widgets.git` remote goes through the proxy unchanged,
+/// and a repository outside the route table is left alone.
 #[tokio::test]
-async fn readme_insteadof_one_liner_clones_through_the_proxy() {
+async fn scoped_insteadof_line_clones_through_the_proxy() {
     let Some(fx) = Fixture::start(Options::default()).await else {
         return;
     };
     let rewrite = format!(
-        "url.http://{}/git/.insteadOf=https://bitbucket.org/",
+        "url.http://{}/git/acme/widgets.git.insteadOf=https://bitbucket.org/acme/widgets.git",
         fx.proxy_addr
+    );
+    // `ls-remote --get-url` only expands the URL: no network.
+    let expanded = |url: &'static str| {
+        let rewrite = rewrite.clone();
+        let sandbox = &fx.sandbox;
+        async move {
+            sandbox
+                .run(
+                    sandbox.dir.path(),
+                    &["-c", &rewrite, "ls-remote", "--get-url", url],
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        expanded("https://bitbucket.org/atlassian/python-bitbucket.git").await,
+        "https://bitbucket.org/atlassian/python-bitbucket.git"
+    );
+    assert_eq!(
+        expanded("https://bitbucket.org/acme/widgets.git").await,
+        format!("http://{}/git/acme/widgets.git", fx.proxy_addr)
     );
     fx.sandbox
         .run(

@@ -12,18 +12,20 @@
 #   BITBUCKET_AUTH_PROXY_CONFIG  the config file       (default: deploy/ci/config.toml)
 #   BITBUCKET_AUTH_PROXY_URL     where it listens      (default: http://127.0.0.1:8080)
 #
-# After it: BITBUCKET_API_URL is the proxy's URL, git rewrites https://bitbucket.org/ to the
-# proxy's /git/ routes for this job only (GIT_CONFIG_* variables, the same as
-#   git config --global url."http://127.0.0.1:8080/git/".insteadOf https://bitbucket.org/
-# without touching the runner's global config), GIT_TERMINAL_PROMPT=0 makes git fail instead
-# of waiting for a password, and the proxy is stopped (SIGTERM, in-flight requests drained)
-# when the job's shell exits.
+# After it: BITBUCKET_API_URL is the proxy's URL; for this job only, git rewrites the
+# https://bitbucket.org/ URLs of the workspaces and repositories the config's git routes serve
+# to the proxy (GIT_CONFIG_* variables built from the `git config` lines that
+# `bitbucket-auth-proxy check --offline` prints, e.g. for deploy/ci/config.toml the same as
+#   git config --global url."http://127.0.0.1:8080/git/acme/".insteadOf https://bitbucket.org/acme/
+# without touching the runner's global config; other repositories stay direct);
+# GIT_TERMINAL_PROMPT=0 makes git fail instead of waiting for a password; and the proxy is
+# stopped (SIGTERM, in-flight requests drained) when the job's shell exits.
 
 : "${BITBUCKET_AUTH_PROXY_BIN:=bitbucket-auth-proxy}"
 : "${BITBUCKET_AUTH_PROXY_CONFIG:=deploy/ci/config.toml}"
 : "${BITBUCKET_AUTH_PROXY_URL:=http://127.0.0.1:8080}"
 
-# Logs go outside the config's directory: the proxy reloads on any change in that directory.
+# Logs go to a temporary file rather than the working tree, so they are printed only on failure.
 BITBUCKET_AUTH_PROXY_LOG=$(mktemp "${TMPDIR:-/tmp}/bitbucket-auth-proxy-log.XXXXXX")
 "$BITBUCKET_AUTH_PROXY_BIN" run --config "$BITBUCKET_AUTH_PROXY_CONFIG" --log-format json \
     2>"$BITBUCKET_AUTH_PROXY_LOG" &
@@ -55,8 +57,18 @@ done
 echo "bitbucket-auth-proxy is serving on $BITBUCKET_AUTH_PROXY_URL (log: $BITBUCKET_AUTH_PROXY_LOG)"
 
 export BITBUCKET_API_URL="$BITBUCKET_AUTH_PROXY_URL"
+# One rewrite per git route, from the lines `check` prints:
+#   git config --global url."PROXY_URL".insteadOf BITBUCKET_URL
+bitbucket_auth_proxy_rewrites=$("$BITBUCKET_AUTH_PROXY_BIN" check --offline --config "$BITBUCKET_AUTH_PROXY_CONFIG" 2>/dev/null \
+    | sed -n 's/^ *git config --global url\."\([^"]*\)"\.insteadOf \(.*\)$/\1 \2/p')
 bitbucket_auth_proxy_n=${GIT_CONFIG_COUNT:-0}
-export "GIT_CONFIG_KEY_$bitbucket_auth_proxy_n=url.$BITBUCKET_AUTH_PROXY_URL/git/.insteadOf"
-export "GIT_CONFIG_VALUE_$bitbucket_auth_proxy_n=https://bitbucket.org/"
-export GIT_CONFIG_COUNT=$((bitbucket_auth_proxy_n + 1))
+while read -r bitbucket_auth_proxy_to bitbucket_auth_proxy_from; do
+    [ -n "$bitbucket_auth_proxy_to" ] || continue
+    export "GIT_CONFIG_KEY_$bitbucket_auth_proxy_n=url.$bitbucket_auth_proxy_to.insteadOf"
+    export "GIT_CONFIG_VALUE_$bitbucket_auth_proxy_n=$bitbucket_auth_proxy_from"
+    bitbucket_auth_proxy_n=$((bitbucket_auth_proxy_n + 1))
+done <<EOF
+$bitbucket_auth_proxy_rewrites
+EOF
+export GIT_CONFIG_COUNT=$bitbucket_auth_proxy_n
 export GIT_TERMINAL_PROMPT=0

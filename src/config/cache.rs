@@ -1,7 +1,7 @@
 //! Validation of `[cache]` and of a route's `cache = { ... }` into the settings the response
 //! cache runs on ([`crate::cache::policy`]).
 
-use super::file::{CacheSection, RouteCacheSection};
+use super::file::{CacheSection, DurationText, RouteCacheSection};
 use super::validate::{Issues, parse_duration};
 use crate::cache::policy::{
     CacheLimits, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRY_BYTES, RouteCachePolicy,
@@ -41,7 +41,7 @@ pub(super) fn route_cache_policy(
     let Some(section) = section else {
         return RouteCachePolicy::default();
     };
-    let parse = |issues: &mut Issues, name: &str, value: &Option<String>| {
+    let parse = |issues: &mut Issues, name: &str, value: &Option<DurationText>| {
         value.as_deref().map(|text| {
             parse_duration(
                 issues,

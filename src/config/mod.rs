@@ -4,7 +4,10 @@
 
 mod admin;
 mod cache;
+mod checks;
 mod file;
+mod parse;
+pub mod schema;
 mod validate;
 
 use std::fmt;
@@ -22,7 +25,7 @@ use crate::credentials::{Credential, UpstreamKind};
 use crate::routing::RouteTable;
 
 pub use file::ConfigFile;
-pub use validate::is_loopback_host;
+pub use validate::{Mode, is_loopback_host};
 
 /// Environment variable that may hold the config path instead of `--config`.
 pub const CONFIG_ENV: &str = "BITBUCKET_AUTH_PROXY_CONFIG";
@@ -236,64 +239,33 @@ impl Config {
 
     /// Reads, parses and validates `path`, loading every secret it names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, Mode::Full)
+    }
+
+    /// [`Config::load`] in a given [`Mode`]; an [`Mode::Offline`] result holds placeholder
+    /// secrets and is for reporting only, never for serving.
+    pub fn load_with(path: &Path, mode: Mode) -> Result<Config, ConfigError> {
         // Inline secrets pass through this buffer: wipe it once parsed.
         let text = std::fs::read_to_string(path)
             .map(Zeroizing::new)
             .map_err(|e| {
                 ConfigError::whole_file(path, format!("cannot read the config file: {e}"))
             })?;
-        Config::from_toml(path, &text)
+        Config::from_toml_with(path, &text, mode)
     }
 
     /// Parses and validates config text; `path` is used for messages and relative `file =` paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: ConfigFile = toml::from_str(text)
-            .map_err(|e| ConfigError::whole_file(path, describe_toml_error(text, &e)))?;
-        validate::validate(path, file)
+        Config::from_toml_with(path, text, Mode::Full)
     }
-}
 
-/// toml's message names the key; add the line, which is what people look for.
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim_end();
-    let Some(span) = error.span() else {
-        return message.to_owned();
-    };
-    let start = span.start.min(text.len());
-    // Credentials are a tagged enum, which serde reads as a whole table: its errors point at the
-    // table. Find the offending key inside that table instead.
-    let start = unknown_field(message)
-        .and_then(|key| find_key(text, start, key))
-        .unwrap_or(start);
-    let line = text[..start].matches('\n').count() + 1;
-    format!("line {line}: {message}")
-}
-
-fn unknown_field(message: &str) -> Option<&str> {
-    message.strip_prefix("unknown field `")?.split('`').next()
-}
-
-/// The offset of `key =` at or after `from`, before the next table header.
-fn find_key(text: &str, from: usize, key: &str) -> Option<usize> {
-    let mut offset = from;
-    for (i, line) in text[from..].split_inclusive('\n').enumerate() {
-        if i > 0 && line.trim_start().starts_with('[') {
-            return None;
-        }
-        let mut search = 0;
-        while let Some(found) = line[search..].find(key) {
-            let at = search + found;
-            let before = line[..at].chars().next_back();
-            let after = line[at + key.len()..].trim_start();
-            let bounded = before.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-'));
-            if bounded && after.starts_with('=') {
-                return Some(offset + at);
-            }
-            search = at + key.len();
-        }
-        offset += line.len();
+    fn from_toml_with(path: &Path, text: &str, mode: Mode) -> Result<Config, ConfigError> {
+        let file = parse::parse(text).map_err(|issues| ConfigError {
+            path: path.to_owned(),
+            issues,
+        })?;
+        validate::validate(path, file, mode)
     }
-    None
 }
 
 #[cfg(test)]

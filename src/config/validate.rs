@@ -11,21 +11,26 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Uri};
 use ipnet::IpNet;
 
-use super::file::{ConfigFile, CredentialSection, RouteSection};
+use super::file::{
+    ApiTokenSection, AppPasswordSection, ConfigFile, CredentialSection,
+    OauthClientCredentialsSection, ProjectAccessTokenSection, RepositoryAccessTokenSection,
+    RouteSection, WorkspaceAccessTokenSection,
+};
 use super::{
-    ADMIN_PREFIX, Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_GIT_URL, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
+    Config, ConfigError, ConfigIssue, DEFAULT_API_URL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_GIT_URL,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
     DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE,
     DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings, UpstreamSettings,
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
-use crate::path::check_path;
-use crate::routing::{Route, RouteTable, segment_prefix_matches};
+use crate::routing::{Route, RouteTable};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
 pub(super) struct Issues {
+    /// `check --offline`: read no secret and no CA file (see [`Mode::Offline`]).
+    mode: Mode,
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
     secret_sources: Vec<(String, SecretSource)>,
@@ -41,13 +46,31 @@ impl Issues {
     }
 }
 
-pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+/// What validation may read besides the config text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Everything: secrets and the CA file, as `run` needs them.
+    Full,
+    /// Nothing outside the config file, for linting a config away from its target host: each
+    /// secret's form is checked but its value is not read (the credential gets a placeholder,
+    /// so the result must never serve), and `ca_file` is not read.
+    Offline,
+}
+
+/// The secret an offline check puts where the real one would be.
+const OFFLINE_PLACEHOLDER: &str = "offline-check-placeholder";
+
+pub(super) fn validate(path: &Path, file: ConfigFile, mode: Mode) -> Result<Config, ConfigError> {
     let mut issues = Issues {
+        mode,
         issues: Vec::new(),
         warnings: Vec::new(),
         secret_sources: Vec::new(),
     };
-    let base_dir = path.parent().unwrap_or(Path::new("."));
+    // Absolute, so that paths in messages say which file was really meant.
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let base_dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned());
+    let base_dir = base_dir.as_path();
 
     let server = server_settings(&mut issues, &file);
     let admin = super::admin::admin_settings(&file.admin, &server, &mut issues.issues);
@@ -55,6 +78,9 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
     let cache = super::cache::cache_limits(&mut issues, &file.cache);
+    issues
+        .warnings
+        .extend(super::checks::unreachable_listener_warnings(&server));
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -66,7 +92,13 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             routes,
             cache,
             secret_sources: issues.secret_sources,
-            warnings: issues.warnings,
+            // The same `FILE: ` prefix errors carry: with several configs (CI linting deploy/),
+            // a warning must say which file it is about.
+            warnings: issues
+                .warnings
+                .into_iter()
+                .map(|warning| format!("{}: {warning}", path.display()))
+                .collect(),
         })
     } else {
         Err(ConfigError {
@@ -272,6 +304,7 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
     let ca_file = section.ca_file.as_ref().map(|p| base_dir.join(p));
     let extra_roots = match &ca_file {
         None => Vec::new(),
+        Some(_) if issues.mode == Mode::Offline => Vec::new(),
         Some(path) => crate::upstream::read_ca_file(path).unwrap_or_else(|why| {
             issues.error("upstream.ca_file", why.to_string());
             Vec::new()
@@ -469,9 +502,11 @@ fn credential(
         }
     };
     match section {
-        CredentialSection::RepositoryAccessToken {
-            repository, token, ..
-        } => {
+        CredentialSection::RepositoryAccessToken(RepositoryAccessTokenSection {
+            repository,
+            token,
+            ..
+        }) => {
             let scope = match repository.split_once('/') {
                 Some((ws, repo)) if !ws.is_empty() && !repo.is_empty() && !repo.contains('/') => {
                     Some(Scope::Repository {
@@ -497,12 +532,12 @@ fn credential(
                 &token,
             ))
         }
-        CredentialSection::ProjectAccessToken {
+        CredentialSection::ProjectAccessToken(ProjectAccessTokenSection {
             workspace,
             project,
             token,
             ..
-        } => {
+        }) => {
             let ok =
                 non_empty(issues, "workspace", &workspace) & non_empty(issues, "project", &project);
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
@@ -515,9 +550,11 @@ fn credential(
                 )
             })
         }
-        CredentialSection::WorkspaceAccessToken {
-            workspace, token, ..
-        } => {
+        CredentialSection::WorkspaceAccessToken(WorkspaceAccessTokenSection {
+            workspace,
+            token,
+            ..
+        }) => {
             let ok = non_empty(issues, "workspace", &workspace);
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| {
@@ -529,7 +566,7 @@ fn credential(
                 )
             })
         }
-        CredentialSection::ApiToken { email, token, .. } => {
+        CredentialSection::ApiToken(ApiTokenSection { email, token, .. }) => {
             let mut ok = non_empty(issues, "email", &email);
             if ok && !email.contains('@') {
                 issues.error(
@@ -541,9 +578,9 @@ fn credential(
             let token = load_secret(issues, &format!("{key}.token"), &token, base_dir)?;
             ok.then(|| Credential::api_token(name, &email, &token))
         }
-        CredentialSection::AppPassword {
+        CredentialSection::AppPassword(AppPasswordSection {
             username, password, ..
-        } => {
+        }) => {
             let mut ok = non_empty(issues, "username", &username);
             if ok && username.contains(':') {
                 issues.error(format!("{key}.username"), "must not contain ':'");
@@ -556,12 +593,12 @@ fn credential(
             let password = load_secret(issues, &format!("{key}.password"), &password, base_dir)?;
             ok.then(|| Credential::app_password(name, &username, &password))
         }
-        CredentialSection::OauthClientCredentials {
+        CredentialSection::OauthClientCredentials(OauthClientCredentialsSection {
             client_id,
             client_secret,
             token_url,
             ..
-        } => {
+        }) => {
             let mut ok = non_empty(issues, "client_id", &client_id);
             if ok && client_id.contains(':') {
                 issues.error(format!("{key}.client_id"), "must not contain ':'");
@@ -662,6 +699,7 @@ fn load_secret(
     spec: &SecretSpec,
     base_dir: &Path,
 ) -> Option<crate::secrets::Secret> {
+    let written = spec.source().map(drop);
     let resolved;
     let spec = match &spec.file {
         Some(path) if path.is_relative() => {
@@ -674,7 +712,18 @@ fn load_secret(
         }
         _ => spec,
     };
-    match spec.load() {
+    // Ambiguity is judged on the spec as written: the resolved one above keeps only the file,
+    // which would hide `{ env = .., file = .. }` given together.
+    let loaded = match (issues.mode, written.and_then(|_| spec.source())) {
+        (_, Err(error)) => Err(error),
+        (Mode::Offline, Ok(source)) if source != SecretSource::Inline => {
+            let mut placeholder = crate::secrets::Secret::from_runtime(OFFLINE_PLACEHOLDER.into());
+            placeholder.source = source;
+            Ok(placeholder)
+        }
+        _ => spec.load(),
+    };
+    match loaded {
         Ok(secret) => {
             issues
                 .secret_sources
@@ -710,31 +759,9 @@ fn load_secret(
 
 /// A prefix as configured: absolute, clean, without query, and without a trailing slash.
 fn check_prefix(issues: &mut Issues, key: &str, prefix: &str) -> bool {
-    let why = if segment_prefix_matches(ADMIN_PREFIX.as_bytes(), prefix.as_bytes())
-        && key.ends_with(".prefix")
-    {
-        Some(format!(
-            "is reserved: `{ADMIN_PREFIX}/` holds the proxy's own endpoints"
-        ))
-    } else if prefix.contains(['?', '#']) {
-        Some("must be a path only, without '?' or '#'".to_owned())
-    } else if prefix.len() > 1 && prefix.ends_with('/') {
-        Some(format!(
-            "must not end with '/' (write \"{}\")",
-            prefix.trim_end_matches('/')
-        ))
-    } else {
-        check_path(prefix).err().map(|e| {
-            let e = e.to_string();
-            e.strip_prefix("the path ").map(str::to_owned).unwrap_or(e)
-        })
-    };
-    match why {
-        Some(why) => {
-            issues.error(
-                key,
-                format!("`{prefix}` {why} (valid: \"/2.0/repositories/acme/widgets\")"),
-            );
+    match super::checks::prefix_error(key, prefix) {
+        Some(message) => {
+            issues.error(key, message);
             false
         }
         None => true,
