@@ -22,6 +22,8 @@ use crate::state::SharedState;
 /// discarded after the proxy's FIN (closing with unread input would send a reset, which can
 /// destroy the 403 before the client reads it).
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// How long a refusal waits for the peer's request head before it is sent anyway.
+const REFUSAL_HEAD_WAIT: Duration = Duration::from_millis(500);
 /// The most a refused peer's input is read while lingering.
 const REFUSAL_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refused connections lingering at once. Refusals take no connection slot, so without this a
@@ -56,11 +58,17 @@ pub fn raw_http1_response(error: &ProxyError) -> Bytes {
     [head.as_bytes(), &body].concat().into()
 }
 
-/// Sends `refusal` and closes the connection: FIN at once, then the peer's input is drained
-/// for at most [`REFUSAL_LINGER`] so the close does not turn into a reset. Holds no
+/// Sends `refusal` once the peer's request head is in (or after [`REFUSAL_HEAD_WAIT`]) and
+/// closes the connection, then drains the peer's input for the rest of [`REFUSAL_LINGER`] so
+/// the close does not turn into a reset. Holds no
 /// connection slot meanwhile.
 pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
-    tracing::info!(%peer, reason = "client-not-allowed", "refused a connection from outside allowed_clients");
+    tracing::info!(
+        client = %peer.ip(),
+        port = peer.port(),
+        reason = "client-not-allowed",
+        "refused a connection from outside allowed_clients"
+    );
     let Ok(lingering) = LINGERING.try_acquire() else {
         // A fresh socket's send buffer takes the few hundred bytes at once.
         let _ = stream.try_write(&refusal);
@@ -68,15 +76,37 @@ pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
     };
     tokio::spawn(async move {
         let _lingering = lingering;
-        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let deadline = tokio::time::Instant::now() + REFUSAL_LINGER;
+        // An HTTP client that gets its answer before it has sent its request treats it as a
+        // protocol error (hyper's does), so the refusal waits for the request head, briefly.
+        let mut read = 0;
+        let _ = tokio::time::timeout(REFUSAL_HEAD_WAIT, async {
+            let mut buf = [0u8; 4096];
+            let mut last_four: u32 = 0;
+            while read < REFUSAL_DRAIN_LIMIT {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                read += n;
+                for &byte in &buf[..n] {
+                    last_four = (last_four << 8) | u32::from(byte);
+                }
+                if last_four == u32::from_be_bytes(*b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        let _ = tokio::time::timeout_at(deadline, async {
             stream.write_all(&refusal).await?;
             stream.shutdown().await?;
             let mut buf = [0u8; 4096];
-            let mut drained = 0;
-            while drained < REFUSAL_DRAIN_LIMIT {
+            while read < REFUSAL_DRAIN_LIMIT {
                 match stream.read(&mut buf).await? {
                     0 => break,
-                    n => drained += n,
+                    n => read += n,
                 }
             }
             Ok::<_, std::io::Error>(())

@@ -261,11 +261,19 @@ impl PendingRecord {
         } else {
             Outcome::Incomplete
         };
+        // hyper stops polling a body once it has written `Content-Length` bytes, whether or
+        // not the body has said it ended (a body shared from the cache may learn that later).
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let record = self.into_record(parts.status, answer, outcome);
         Response::from_parts(
             parts,
             LoggedBody {
                 inner: body,
+                length,
                 record,
             },
         )
@@ -416,6 +424,8 @@ pin_project! {
     pub struct LoggedBody<B> {
         #[pin]
         inner: B,
+        // The response's `Content-Length`, when it has one.
+        length: Option<u64>,
         record: AccessRecord,
     }
 }
@@ -435,8 +445,9 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for LoggedBody<B> {
                 if let Some(data) = frame.data_ref() {
                     this.record.bytes_out += data.len() as u64;
                 }
-                // hyper stops polling once the body says it has ended.
-                if this.inner.is_end_stream() {
+                // hyper stops polling once the body says it has ended, or once it has
+                // written `Content-Length` bytes.
+                if this.inner.is_end_stream() || *this.length == Some(this.record.bytes_out) {
                     this.record.outcome = Outcome::Complete;
                 }
             }

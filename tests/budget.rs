@@ -369,7 +369,9 @@ async fn twenty_after_a_cool_down(
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let clients: Vec<_> = (0..20)
         .map(|i| {
-            tokio::spawn(async move { get(addr, if i % 2 == 0 { WIDGETS } else { GADGETS }).await })
+            // Distinct queries, so that coalescing does not merge them into one request.
+            let path = format!("{}?page={i}", if i % 2 == 0 { WIDGETS } else { GADGETS });
+            tokio::spawn(async move { get(addr, &path).await })
         })
         .collect();
     let mut responses = Vec::new();

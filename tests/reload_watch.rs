@@ -78,7 +78,7 @@ async fn a_log_file_in_a_watched_directory_does_not_feed_the_watcher() {
     })
     .await;
     wait_for("the watcher starts", Duration::from_secs(5), || {
-        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("listening"))
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("\"started\""))
     })
     .await;
 

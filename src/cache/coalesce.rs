@@ -37,6 +37,8 @@ pub struct Head {
     pub shareable: bool,
     /// The body's length when the head announced it (0 for bodiless answers).
     pub length: Option<u64>,
+    /// What the upstream answered the request that fetched it, for that request's access line.
+    pub upstream: Option<crate::request_id::UpstreamExchange>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +142,7 @@ impl Flight {
             shareable: policy::shareable(&parts.headers) && !too_big,
             headers: parts.headers,
             length,
+            upstream: parts.extensions.remove(),
         });
         let mut body = TimedBody::new(body, idle, Direction::Response, None);
         if too_big {

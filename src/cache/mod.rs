@@ -315,7 +315,11 @@ impl Cache {
                     };
                     let age = upstream_age(&head.headers) + flight.sent_at.elapsed();
                     let body = flight.body(&head, owner);
-                    return Ok(respond_with(client, &head, body, status, age, None, None));
+                    let mut response = respond_with(client, &head, body, status, age, None, None);
+                    if owner && let Some(upstream) = &head.upstream {
+                        response.extensions_mut().insert(upstream.clone());
+                    }
+                    return Ok(response);
                 }
                 Ready::Failed(error) => {
                     if let Some(entry) = &stale

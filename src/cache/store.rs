@@ -189,6 +189,7 @@ mod tests {
             headers: HeaderMap::new(),
             shareable: true,
             length: Some(size as u64),
+            upstream: None,
         });
         Entry::new(
             key,
