@@ -6,6 +6,7 @@
 //! [`telemetry::AccessLogLayer`].
 
 pub mod admin;
+pub mod alias;
 pub mod body;
 pub mod cli;
 pub mod config;

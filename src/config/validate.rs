@@ -21,7 +21,8 @@ use super::{
 };
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
 use crate::path::check_path;
-use crate::routing::{Route, RouteTable, segment_prefix_matches};
+use crate::alias::PrefixPattern;
+use crate::routing::{Route, RouteTable, same_place, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
@@ -789,7 +790,8 @@ fn routes(
                 let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
                 HeaderValue::from_str(&list.join(", ")).expect("method names are valid header text")
             });
-            routes.push(Arc::new(Route {
+            let route = Route {
+                pattern: PrefixPattern::new(upstream, &section.prefix, &upstream_prefix),
                 prefix: section.prefix.as_str().into(),
                 upstream,
                 upstream_prefix,
@@ -797,7 +799,17 @@ fn routes(
                 methods,
                 allow_header,
                 rewrite_links: section.rewrite_links.unwrap_or(true),
-            }));
+            };
+            match routes.iter().find(|other: &&Arc<Route>| same_place(other, &route)) {
+                Some(other) => issues.error(
+                    format!("{key}.prefix"),
+                    format!(
+                        "`{}` names the same place as route `{}` (workspace, repository and project names match in any case, git repositories with or without .git); prefixes must be unique",
+                        route.prefix, other.prefix
+                    ),
+                ),
+                None => routes.push(Arc::new(route)),
+            }
         }
     }
     if sections.is_empty() {
