@@ -189,9 +189,11 @@ impl PrefixPattern {
     /// Whether this prefix and `other` name the same place: each matches the other exactly.
     pub fn same_place(&self, other: &PrefixPattern) -> bool {
         self.segments.len() == other.segments.len()
-            && self.segments.iter().zip(&other.segments).all(|(a, b)| {
-                a.kind.same(&a.text, &b.text) || b.kind.same(&a.text, &b.text)
-            })
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|(a, b)| a.kind.same(&a.text, &b.text) || b.kind.same(&a.text, &b.text))
     }
 }
 
@@ -239,7 +241,10 @@ mod tests {
             kinds(api, "/2.0/workspaces/acme/permissions/repositories/widgets"),
             [L, L, N, L, L, N]
         );
-        assert_eq!(kinds(api, "/2.0/workspaces/acme/members/x"), [L, L, N, L, L]);
+        assert_eq!(
+            kinds(api, "/2.0/workspaces/acme/members/x"),
+            [L, L, N, L, L]
+        );
         assert_eq!(kinds(api, "/2.0/snippets/acme/abc"), [L, L, N, L]);
         assert_eq!(kinds(api, "/2.0/teams/acme/search/code"), [L, L, N, L, L]);
         assert_eq!(
@@ -284,10 +289,7 @@ mod tests {
             pattern(git, "/git/acme/widgets", "/acme/widgets.git"),
             [L, N, G]
         );
-        assert_eq!(
-            pattern(api, "/release", "/2.0/repositories/acme"),
-            [L]
-        );
+        assert_eq!(pattern(api, "/release", "/2.0/repositories/acme"), [L]);
         assert_eq!(
             pattern(api, "/all/widgets", "/2.0/repositories/acme/widgets"),
             [L, N]
@@ -302,17 +304,33 @@ mod tests {
             "/2.0/repositories/acme/widgets",
             "/2.0/repositories/acme/widgets",
         );
-        assert_eq!(narrow.match_len(b"/2.0/repositories/acme/widgets"), Some(30));
-        assert_eq!(narrow.match_len(b"/2.0/repositories/ACME/Widgets/src"), Some(30));
-        assert_eq!(narrow.match_len(b"/2.0/repositories/acme/widgets/"), Some(30));
-        assert_eq!(narrow.match_len(b"/2.0/repositories/acme/widgets-evil"), None);
+        assert_eq!(
+            narrow.match_len(b"/2.0/repositories/acme/widgets"),
+            Some(30)
+        );
+        assert_eq!(
+            narrow.match_len(b"/2.0/repositories/ACME/Widgets/src"),
+            Some(30)
+        );
+        assert_eq!(
+            narrow.match_len(b"/2.0/repositories/acme/widgets/"),
+            Some(30)
+        );
+        assert_eq!(
+            narrow.match_len(b"/2.0/repositories/acme/widgets-evil"),
+            None
+        );
         assert_eq!(narrow.match_len(b"/2.0/Repositories/acme/widgets"), None);
         assert_eq!(narrow.match_len(b"/2.0/repositories/acme"), None);
         assert!(!narrow.may_match_by_uuid(b"/2.0/repositories/acme/gadgets"));
         assert!(narrow.may_match_by_uuid(b"/2.0/repositories/acme/{1234}/src"));
         assert!(narrow.may_match_by_uuid(b"/2.0/repositories/{ws}/widgets"));
         assert!(!narrow.may_match_by_uuid(b"/2.0/{x}/acme/widgets"));
-        let git = PrefixPattern::new(UpstreamKind::Git, "/git/acme/widgets.git", "/acme/widgets.git");
+        let git = PrefixPattern::new(
+            UpstreamKind::Git,
+            "/git/acme/widgets.git",
+            "/acme/widgets.git",
+        );
         assert_eq!(git.match_len(b"/git/acme/widgets/info/refs"), Some(17));
         assert_eq!(git.match_len(b"/git/Acme/Widgets.Git"), Some(21));
         assert_eq!(git.match_len(b"/Git/acme/widgets"), None);

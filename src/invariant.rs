@@ -99,7 +99,9 @@ enum Position {
 }
 
 fn split(path: &[u8]) -> Vec<&[u8]> {
-    path.split(|&b| b == b'/').filter(|s| !s.is_empty()).collect()
+    path.split(|&b| b == b'/')
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// What each segment of an upstream path is, by the spec's templates (REST) or git's URL shape.
@@ -145,8 +147,10 @@ fn canonical_local_prefix(route: &Route) -> Vec<(Vec<u8>, Position)> {
     let local = split(route.prefix.as_bytes());
     let upstream = split(route.upstream_prefix.as_bytes());
     let kinds = positions(route, &upstream);
-    let mut out: Vec<(Vec<u8>, Position)> =
-        local.iter().map(|s| (s.to_vec(), Position::Other)).collect();
+    let mut out: Vec<(Vec<u8>, Position)> = local
+        .iter()
+        .map(|s| (s.to_vec(), Position::Other))
+        .collect();
     for (j, slot) in out.iter_mut().rev().enumerate() {
         let Some(u) = upstream.len().checked_sub(j + 1) else {
             break;
@@ -196,9 +200,10 @@ fn expected_route<'a>(table: &'a RouteTable, local: &[u8]) -> Result<Option<&'a 
         .filter(|r| claims(r, &segments, false))
         .max_by_key(|r| depth(r));
     if let Some(best) = best
-        && table.routes().iter().any(|r| {
-            !Arc::ptr_eq(r, best) && depth(r) >= depth(best) && claims(r, &segments, true)
-        })
+        && table
+            .routes()
+            .iter()
+            .any(|r| !Arc::ptr_eq(r, best) && depth(r) >= depth(best) && claims(r, &segments, true))
     {
         return Err(());
     }
@@ -223,7 +228,11 @@ pub fn check_route(table: &RouteTable, path: &str) -> Result<(), String> {
     };
     let once = percent_decode(path.as_bytes());
     let twice = percent_decode(&once);
-    for (form, local) in [("as sent", path.as_bytes()), ("decoded once", &once), ("decoded twice", &twice)] {
+    for (form, local) in [
+        ("as sent", path.as_bytes()),
+        ("decoded once", &once),
+        ("decoded twice", &twice),
+    ] {
         match expected_route(table, local) {
             Err(()) => {
                 return Err(format!(

@@ -284,7 +284,121 @@ pub(crate) mod tests {
                 .is_ok()
         );
     }
+
+    /// The README's routes plus a workspace-wide and a narrow git route.
+    pub(crate) fn alias_table() -> RouteTable {
+        let git = UpstreamKind::Git;
+        let get = Some(&[Method::GET][..]);
+        RouteTable::new(vec![
+            route("/", "/", None),
+            route("/2.0/repositories/acme", "/2.0/repositories/acme", None),
+            route(
+                "/2.0/repositories/acme/widgets",
+                "/2.0/repositories/acme/widgets",
+                get,
+            ),
+            route("/release", "/2.0/repositories/acme", None),
+            route("/all/widgets", "/2.0/repositories/acme/widgets", get),
+            route("/all", "/2.0/repositories/acme", None),
+            route("/2.0/workspaces/acme", "/2.0/workspaces/acme", None),
+            route(
+                "/2.0/workspaces/acme/projects/WEB",
+                "/2.0/workspaces/acme/projects/WEB",
+                get,
+            ),
+            upstream_route(git, "/git/acme", "/acme", None),
+            upstream_route(git, "/git/acme/widgets.git", "/acme/widgets.git", get),
+        ])
+    }
+
+    #[test]
+    fn every_spelling_of_a_resource_picks_its_route() {
+        let table = alias_table();
+        for (path, prefix) in [
+            (
+                "/2.0/repositories/acme/Widgets",
+                "/2.0/repositories/acme/widgets",
+            ),
+            (
+                "/2.0/repositories/ACME/WIDGETS/src",
+                "/2.0/repositories/acme/widgets",
+            ),
+            ("/2.0/repositories/Acme/gadgets", "/2.0/repositories/acme"),
+            (
+                "/2.0/repositories/acme/widgets-evil",
+                "/2.0/repositories/acme",
+            ),
+            ("/2.0/Repositories/acme/widgets", "/"),
+            (
+                "/2.0/workspaces/ACME/projects/web/x",
+                "/2.0/workspaces/acme/projects/WEB",
+            ),
+            ("/2.0/workspaces/acme/Projects/web", "/2.0/workspaces/acme"),
+            ("/all/Widgets", "/all/widgets"),
+            ("/release/Widgets", "/release"),
+            (
+                "/git/acme/widgets/git-receive-pack",
+                "/git/acme/widgets.git",
+            ),
+            ("/git/Acme/Widgets.GIT/info/refs", "/git/acme/widgets.git"),
+            ("/git/acme/widgets.git.git", "/git/acme"),
+            ("/git/acme/gadgets.git", "/git/acme"),
+        ] {
+            assert_eq!(prefix_of(&table, path).as_deref(), Some(prefix), "{path}");
+        }
+        // The route's own spelling goes upstream.
+        let git = table.route("/git/ACME/widgets/info/refs").unwrap().unwrap();
+        assert_eq!(
+            git.upstream_path("/git/ACME/widgets/info/refs"),
+            "/acme/widgets.git/info/refs"
+        );
+        assert_eq!(
+            table.route("/2.0/repositories/acme/%57IDGETS").unwrap_err(),
+            PathError::AmbiguousEncoding.into()
+        );
+    }
+
+    #[test]
+    fn a_uuid_that_may_name_a_narrower_route_is_refused() {
+        let table = alias_table();
+        for path in [
+            "/2.0/repositories/acme/{0b1c2d3e-aaaa-bbbb-cccc-0123456789ab}",
+            "/2.0/repositories/acme/%7B0b1c2d3e-aaaa-bbbb-cccc-0123456789ab%7D/src",
+            "/2.0/repositories/acme/%7b0b1c%7d",
+            "/2.0/repositories/acme/%257B0b1c%257D",
+            "/2.0/repositories/{acme-uuid}/widgets",
+            "/2.0/repositories/{acme-uuid}",
+            "/2.0/workspaces/acme/projects/{p}",
+            "/all/{w}",
+            "/git/acme/{w}.git/git-receive-pack",
+            "/git/{ws}/widgets.git",
+        ] {
+            assert_eq!(
+                table.route(path).unwrap_err(),
+                RouteError::UuidAlias,
+                "{path}"
+            );
+        }
+        // No narrower route for it to name: Bitbucket resolves it within the route.
+        for (path, prefix) in [
+            (
+                "/2.0/repositories/acme/widgets/src/main/{x}",
+                "/2.0/repositories/acme/widgets",
+            ),
+            (
+                "/2.0/workspaces/acme/members/{user}",
+                "/2.0/workspaces/acme",
+            ),
+            ("/release/{w}", "/release"),
+            ("/git/acme/widgets.git/{x}", "/git/acme/widgets.git"),
+        ] {
+            assert_eq!(prefix_of(&table, path).as_deref(), Some(prefix), "{path}");
+        }
+    }
 }
+
+#[cfg(test)]
+mod alias_properties;
 
 #[cfg(test)]
 mod invariant {

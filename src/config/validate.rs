@@ -19,9 +19,9 @@ use super::{
     DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE, DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin,
     ServerSettings, UpstreamSettings,
 };
+use crate::alias::PrefixPattern;
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
 use crate::path::check_path;
-use crate::alias::PrefixPattern;
 use crate::routing::{Route, RouteTable, same_place, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
