@@ -35,10 +35,10 @@ impl SegmentKind {
     }
 }
 
-/// `widgets.git` (in any case) as `widgets`; anything else unchanged.
+/// `widgets.git` (in any case) as `widgets`; anything else, `.git` itself too, unchanged.
 pub fn strip_git_suffix(segment: &[u8]) -> &[u8] {
     match segment.len().checked_sub(4) {
-        Some(cut) if segment[cut..].eq_ignore_ascii_case(b".git") => &segment[..cut],
+        Some(cut) if cut > 0 && segment[cut..].eq_ignore_ascii_case(b".git") => &segment[..cut],
         _ => segment,
     }
 }
@@ -267,7 +267,7 @@ mod tests {
         assert!(G.same(b"widgets.GIT", b"widgets"));
         assert!(!G.same(b"widgets.git.git", b"widgets"));
         assert!(!G.same(b"widgets-evil", b"widgets"));
-        assert_eq!(strip_git_suffix(b".git"), b"");
+        assert_eq!(strip_git_suffix(b".git"), b".git");
         assert_eq!(strip_git_suffix(b"git"), b"git");
     }
 

@@ -134,9 +134,10 @@ fn canonical(position: Position, segment: &[u8]) -> Vec<u8> {
     match position {
         Position::Other => segment.to_vec(),
         Position::Name => lower,
+        // A repository has a name: `.git` alone is not an empty one.
         Position::GitRepository => match lower.strip_suffix(b".git") {
-            Some(stripped) => stripped.to_vec(),
-            None => lower,
+            Some(stripped) if !stripped.is_empty() => stripped.to_vec(),
+            _ => lower,
         },
     }
 }
@@ -300,14 +301,16 @@ fn check_upstream_spelling(
                 route.upstream_prefix
             ));
         }
+        // Written back as a path, a git repository keeps one `.git`: `widgets.git.git` is the
+        // repository `widgets.git`, not `widgets`.
         let mut local = Vec::new();
-        for segment in local_base
-            .iter()
-            .map(|(s, _)| s)
-            .chain(&spelled[base.len()..])
-        {
+        let rest = spelled[base.len()..].iter().zip(&kinds[base.len()..]);
+        for (segment, position) in local_base.iter().map(|(s, p)| (s, p)).chain(rest) {
             local.push(b'/');
             local.extend_from_slice(segment);
+            if *position == Position::GitRepository {
+                local.extend_from_slice(b".git");
+            }
         }
         match expected_route(table, &local) {
             Ok(expected) if same(Some(route), expected) => {}

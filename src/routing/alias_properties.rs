@@ -219,3 +219,16 @@ proptest! {
         }
     }
 }
+
+/// The inputs that found flaws in the oracle (`fuzz/regressions/route_path/`).
+#[test]
+fn fuzz_regressions_hold() {
+    for path in [
+        "/git/acme/.git/al}CM#E",
+        "/git/acme/widgets.GIT.git/;,;/%9f;",
+    ] {
+        if let Err(violation) = check_route(&alias_table(), path) {
+            panic!("{violation}");
+        }
+    }
+}
