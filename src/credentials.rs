@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
+use crate::alias::strip_git_suffix;
 use crate::oauth::{OAuthClient, TokenError};
 use crate::secrets::{Secret, basic_auth_header, bearer_header};
 use crate::upstream::UpstreamClient;
@@ -97,8 +98,10 @@ impl Scope {
     /// Whether every path under `upstream_prefix` on `upstream` stays inside this scope.
     ///
     /// Paths are judged by shape: `[/2.0]/repositories/{workspace}/{repo}`,
-    /// `[/2.0]/workspaces/{workspace}` for REST and `/{workspace}/{repo}[.git]` for git. The
-    /// `/2.0` segment is optional so Bitbucket-compatible mocks without it validate too.
+    /// `[/2.0]/workspaces/{workspace}[/projects/{key}]` for REST and
+    /// `/{workspace}/{repo}[.git]` for git. The `/2.0` segment is optional so
+    /// Bitbucket-compatible mocks without it validate too. Names compare as routing compares
+    /// them ([`crate::alias`]): in any ASCII case, git repositories with or without `.git`.
     pub fn covers(&self, upstream: UpstreamKind, upstream_prefix: &str) -> bool {
         let segments: Vec<&str> = upstream_prefix
             .split('/')
@@ -125,14 +128,24 @@ impl Scope {
                 UpstreamKind::Git,
             ) => match segments.as_slice() {
                 [ws, repo, ..] => {
-                    eq(ws, workspace) && eq(repo.strip_suffix(".git").unwrap_or(repo), repository)
+                    eq(ws, workspace)
+                        && strip_git_suffix(repo.as_bytes())
+                            .eq_ignore_ascii_case(strip_git_suffix(repository.as_bytes()))
                 }
                 _ => false,
             },
-            (
-                Scope::Workspace { workspace } | Scope::Project { workspace, .. },
-                UpstreamKind::Api,
-            ) => match rest_resource(&segments) {
+            (Scope::Project { workspace, project }, UpstreamKind::Api) => {
+                match rest_resource(&segments) {
+                    // Another project's key is outside; the workspace's repositories can't be
+                    // told apart by path, so they are judged by the workspace.
+                    Some(("workspaces", [ws, "projects", key, ..])) => {
+                        eq(ws, workspace) && eq(key, project)
+                    }
+                    Some(("repositories" | "workspaces", [ws, ..])) => eq(ws, workspace),
+                    _ => false,
+                }
+            }
+            (Scope::Workspace { workspace }, UpstreamKind::Api) => match rest_resource(&segments) {
                 Some(("repositories" | "workspaces", [ws, ..])) => eq(ws, workspace),
                 _ => false,
             },
@@ -407,6 +420,34 @@ mod tests {
         assert!(scope.covers(UpstreamKind::Git, "/acme/widgets"));
         assert!(!scope.covers(UpstreamKind::Git, "/acme/gadgets.git"));
         assert!(!scope.covers(UpstreamKind::Git, "/acme"));
+        // Names in any case, git repositories with or without `.git` (in any case).
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/ACME/Widgets/src"));
+        assert!(scope.covers(UpstreamKind::Git, "/Acme/WIDGETS.GIT"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/Repositories/acme/widgets"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories/acme/{0b1c}"));
+        let declared_with_git = Scope::Repository {
+            workspace: "acme".into(),
+            repository: "widgets.git".into(),
+        };
+        assert!(declared_with_git.covers(UpstreamKind::Git, "/acme/widgets"));
+    }
+
+    #[test]
+    fn project_scope_covers_its_workspace_but_only_its_own_project() {
+        let scope = Scope::Project {
+            workspace: "acme".into(),
+            project: "WEB".into(),
+        };
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects/WEB"));
+        assert!(scope.covers(
+            UpstreamKind::Api,
+            "/2.0/workspaces/Acme/projects/web/deploy-keys"
+        ));
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects"));
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/ACME/web-app"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects/OPS"));
+        assert!(!scope.covers(UpstreamKind::Api, "/2.0/workspaces/other/projects/WEB"));
+        assert!(scope.covers(UpstreamKind::Git, "/ACME/web-app.git"));
     }
 
     #[test]
@@ -415,7 +456,9 @@ mod tests {
             workspace: "acme".into(),
         };
         assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/acme"));
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/repositories/ACME/widgets"));
         assert!(scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects"));
+        assert!(scope.covers(UpstreamKind::Api, "/2.0/workspaces/acme/projects/OPS"));
         assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories"));
         assert!(!scope.covers(UpstreamKind::Api, "/2.0/repositories/other"));
         assert!(!scope.covers(UpstreamKind::Api, "/2.0/user"));

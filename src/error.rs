@@ -7,6 +7,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 
 use crate::body::{BodyIdleTimeout, BoxError, Direction, ProxyBody};
 use crate::path::PathError;
+use crate::routing::RouteError;
 
 /// Response header naming why the proxy itself answered.
 pub const REASON_HEADER: &str = "x-bitbucket-auth-proxy";
@@ -39,6 +40,10 @@ pub enum ProxyError {
     HostHeaders(usize),
     #[error("the request path is refused: {0}")]
     BadPath(#[from] PathError),
+    #[error(
+        "the path names a workspace, repository or project by {{UUID}}, and a more specific route may cover what it names; the proxy cannot tell, so name it by its slug or key instead (for example /2.0/repositories/acme/widgets)"
+    )]
+    UuidAlias,
     #[error("no route matches this path")]
     NoRoute,
     #[error("method {method} is not allowed on routes under {prefix}")]
@@ -86,6 +91,7 @@ impl ProxyError {
             | ProxyError::HostHeaders(_)
             | ProxyError::MethodRefused(_)
             | ProxyError::BadPath(_)
+            | ProxyError::UuidAlias
             | ProxyError::NoRoute
             | ProxyError::MethodNotAllowed { .. }
             | ProxyError::ClientBody(_)
@@ -105,6 +111,7 @@ impl ProxyError {
             ProxyError::ForeignTarget(_)
             | ProxyError::HostHeaders(_)
             | ProxyError::BadPath(_)
+            | ProxyError::UuidAlias
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodRefused(_) | ProxyError::MethodNotAllowed { .. } => {
@@ -131,6 +138,7 @@ impl ProxyError {
                 "method-not-allowed"
             }
             ProxyError::BadPath(_) => "bad-path",
+            ProxyError::UuidAlias => "uuid-alias",
             ProxyError::NoRoute => "no-route",
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::UpstreamUnreachable(_) => "upstream-unreachable",
@@ -151,6 +159,7 @@ impl ProxyError {
             ProxyError::HostHeaders(_) => "Bad Host header",
             ProxyError::MethodRefused(_) => "Method not supported",
             ProxyError::BadPath(_) => "Bad request path",
+            ProxyError::UuidAlias => "Name the resource by its slug, not its UUID",
             ProxyError::NoRoute => "No route for this path",
             ProxyError::MethodNotAllowed { .. } => "Method not allowed",
             ProxyError::ClientBody(_) => "Request body incomplete",
@@ -239,6 +248,15 @@ fn refused_method_why(method: &Method) -> &'static str {
         "this is not a forward proxy"
     } else {
         "an upstream that echoes the request would hand the injected credential to the client"
+    }
+}
+
+impl From<RouteError> for ProxyError {
+    fn from(error: RouteError) -> ProxyError {
+        match error {
+            RouteError::Path(path) => ProxyError::BadPath(path),
+            RouteError::UuidAlias => ProxyError::UuidAlias,
+        }
     }
 }
 
@@ -335,6 +353,7 @@ mod tests {
                 405,
                 Fault::Client,
             ),
+            (ProxyError::UuidAlias, 400, Fault::Client),
             (ProxyError::UpstreamTls("x".into()), 502, Fault::Upstream),
             (
                 ProxyError::UpstreamUnreachable("x".into()),

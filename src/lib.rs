@@ -7,6 +7,7 @@
 //! [`telemetry::AccessLogLayer`].
 
 pub mod admin;
+pub mod alias;
 pub mod body;
 pub mod budget;
 pub mod build_info;

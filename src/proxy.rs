@@ -330,7 +330,8 @@ fn is_self(config: &Config, connection: &ConnectionInfo, authority: &Authority) 
             .is_ok_and(|ip| ip == local.ip())
 }
 
-/// Phase 2b: the path is safe and matches a route.
+/// Phase 2b: the path is safe and matches a route; a `{UUID}` that may name a more specific
+/// route's resource is refused (400 `uuid-alias`).
 pub fn route(config: &Config, path: &str) -> Result<Arc<Route>, ProxyError> {
     config
         .routes

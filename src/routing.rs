@@ -4,8 +4,20 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Method};
 
+use crate::alias::{self, PrefixPattern};
 use crate::credentials::{Credential, UpstreamKind};
 use crate::path::{self, PathError};
+
+/// Why [`RouteTable::route`] refused a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// A `{UUID}` names a workspace, repository or project where a more specific route exists:
+    /// the proxy cannot tell whether that route's resource is meant.
+    #[error("the path names a workspace, repository or project by {{UUID}}")]
+    UuidAlias,
+}
 
 /// One `[[routes]]` entry, validated.
 #[derive(Debug)]
@@ -26,6 +38,8 @@ pub struct Route {
     pub coalesce: bool,
     /// What the response cache may keep of this route's answers.
     pub cache: crate::cache::policy::RouteCachePolicy,
+    /// `prefix` as matched: workspace, repository and project segments in any spelling.
+    pub pattern: PrefixPattern,
 }
 
 impl Route {
@@ -44,9 +58,12 @@ impl Route {
             .is_none_or(|methods| methods.contains(method))
     }
 
-    /// The upstream path for a request path this route matched.
+    /// The upstream path for a request path this route matched. The matched segments are
+    /// replaced whatever their spelling (`Widgets`, `widgets` without `.git`), so Bitbucket sees
+    /// the route's own name for the resource.
     pub fn upstream_path(&self, request_path: &str) -> String {
-        let rest = &request_path[self.match_prefix().len()..];
+        let matched = alias::leading_segments_len(request_path, self.pattern.segment_count());
+        let rest = &request_path[matched..];
         let base = self.upstream_base();
         let mut out = String::with_capacity(base.len() + rest.len() + 1);
         out.push_str(base);
@@ -63,7 +80,12 @@ pub fn segment_prefix_matches(prefix: &[u8], path: &[u8]) -> bool {
     path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/'))
 }
 
-/// Routes ordered longest prefix first, so the first match is the longest.
+/// Whether two routes' prefixes name the same place, so that neither could be preferred.
+pub fn same_place(a: &Route, b: &Route) -> bool {
+    a.pattern.same_place(&b.pattern)
+}
+
+/// Routes ordered most segments first, so the first match is the most specific.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
@@ -72,9 +94,10 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
         routes.sort_by(|a, b| {
-            b.match_prefix()
-                .len()
-                .cmp(&a.match_prefix().len())
+            b.pattern
+                .segment_count()
+                .cmp(&a.pattern.segment_count())
+                .then_with(|| b.match_prefix().len().cmp(&a.match_prefix().len()))
                 .then_with(|| a.prefix.cmp(&b.prefix))
         });
         RouteTable { routes }
@@ -84,10 +107,31 @@ impl RouteTable {
         &self.routes
     }
 
-    fn longest_match(&self, path: &[u8]) -> Option<&Arc<Route>> {
-        self.routes
+    /// The most specific route matching one form of the path. A `{UUID}` in a name position
+    /// that a route at least as specific as the match would take is refused, never routed to
+    /// the broader match: it may name that route's resource.
+    fn most_specific(&self, path: &[u8]) -> Result<Option<&Arc<Route>>, RouteError> {
+        let Some(found) = self
+            .routes
             .iter()
-            .find(|route| segment_prefix_matches(route.match_prefix().as_bytes(), path))
+            .position(|route| route.pattern.match_len(path).is_some())
+        else {
+            return Ok(None);
+        };
+        let route = &self.routes[found];
+        if path.contains(&b'{') || path.contains(&b'}') {
+            let depth = route.pattern.segment_count();
+            let may_mean_another = self
+                .routes
+                .iter()
+                .enumerate()
+                .take_while(|(_, other)| other.pattern.segment_count() >= depth)
+                .any(|(i, other)| i != found && other.pattern.may_match_by_uuid(path));
+            if may_mean_another {
+                return Err(RouteError::UuidAlias);
+            }
+        }
+        Ok(Some(route))
     }
 
     /// Finds the route for a raw request path after checking the path is safe to forward.
@@ -95,19 +139,21 @@ impl RouteTable {
     /// A path whose percent-decoded form (once or twice, as [`path::check_path`] assumes an
     /// upstream may decode) would pick a different route is refused: otherwise
     /// `/2.0/repositories/acme/%77idgets` or `.../acme/%2577idgets` could slip past a narrower
-    /// route's method list.
-    pub fn route(&self, raw_path: &str) -> Result<Option<&Arc<Route>>, PathError> {
+    /// route's method list. Workspace, repository and project segments match in any ASCII case
+    /// (and git repositories with or without `.git`), so every spelling of a resource picks the
+    /// route written for it; see [`crate::alias`].
+    pub fn route(&self, raw_path: &str) -> Result<Option<&Arc<Route>>, RouteError> {
         path::check_path(raw_path)?;
-        let found = self.longest_match(raw_path.as_bytes());
+        let found = self.most_specific(raw_path.as_bytes())?;
         for decoded in path::decoded_for_routing(raw_path) {
-            let decoded_match = self.longest_match(&decoded);
+            let decoded_match = self.most_specific(&decoded)?;
             let same = match (found, decoded_match) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (None, None) => true,
                 _ => false,
             };
             if !same {
-                return Err(PathError::AmbiguousEncoding);
+                return Err(PathError::AmbiguousEncoding.into());
             }
         }
         Ok(found)
@@ -130,6 +176,15 @@ pub(crate) mod tests {
         upstream_prefix: &str,
         methods: Option<&[Method]>,
     ) -> Arc<Route> {
+        upstream_route(UpstreamKind::Api, prefix, upstream_prefix, methods)
+    }
+
+    pub(crate) fn upstream_route(
+        upstream: UpstreamKind,
+        prefix: &str,
+        upstream_prefix: &str,
+        methods: Option<&[Method]>,
+    ) -> Arc<Route> {
         let credential = Arc::new(Credential::access_token(
             format!("cred{prefix}"),
             CredentialKind::WorkspaceAccessToken,
@@ -138,7 +193,7 @@ pub(crate) mod tests {
         ));
         Arc::new(Route {
             prefix: prefix.into(),
-            upstream: UpstreamKind::Api,
+            upstream,
             upstream_prefix: upstream_prefix.into(),
             credential,
             methods: methods.map(<[Method]>::to_vec),
@@ -146,6 +201,7 @@ pub(crate) mod tests {
             rewrite_links: true,
             coalesce: true,
             cache: Default::default(),
+            pattern: PrefixPattern::new(upstream, prefix, upstream_prefix),
         })
     }
 
@@ -215,18 +271,18 @@ pub(crate) mod tests {
         let table = table();
         assert_eq!(
             table.route("/2.0/repositories/acme/%77idgets").unwrap_err(),
-            PathError::AmbiguousEncoding
+            PathError::AmbiguousEncoding.into()
         );
         assert_eq!(
             table.route("/2.0/repositories/acme%2Fwidgets").unwrap_err(),
-            PathError::AmbiguousEncoding
+            PathError::AmbiguousEncoding.into()
         );
         // Decoded twice, as an upstream that decodes twice would read it.
         assert_eq!(
             table
                 .route("/2.0/repositories/acme/%2577idgets")
                 .unwrap_err(),
-            PathError::AmbiguousEncoding
+            PathError::AmbiguousEncoding.into()
         );
         assert!(
             table
@@ -234,7 +290,121 @@ pub(crate) mod tests {
                 .is_ok()
         );
     }
+
+    /// The README's routes plus a workspace-wide and a narrow git route.
+    pub(crate) fn alias_table() -> RouteTable {
+        let git = UpstreamKind::Git;
+        let get = Some(&[Method::GET][..]);
+        RouteTable::new(vec![
+            route("/", "/", None),
+            route("/2.0/repositories/acme", "/2.0/repositories/acme", None),
+            route(
+                "/2.0/repositories/acme/widgets",
+                "/2.0/repositories/acme/widgets",
+                get,
+            ),
+            route("/release", "/2.0/repositories/acme", None),
+            route("/all/widgets", "/2.0/repositories/acme/widgets", get),
+            route("/all", "/2.0/repositories/acme", None),
+            route("/2.0/workspaces/acme", "/2.0/workspaces/acme", None),
+            route(
+                "/2.0/workspaces/acme/projects/WEB",
+                "/2.0/workspaces/acme/projects/WEB",
+                get,
+            ),
+            upstream_route(git, "/git/acme", "/acme", None),
+            upstream_route(git, "/git/acme/widgets.git", "/acme/widgets.git", get),
+        ])
+    }
+
+    #[test]
+    fn every_spelling_of_a_resource_picks_its_route() {
+        let table = alias_table();
+        for (path, prefix) in [
+            (
+                "/2.0/repositories/acme/Widgets",
+                "/2.0/repositories/acme/widgets",
+            ),
+            (
+                "/2.0/repositories/ACME/WIDGETS/src",
+                "/2.0/repositories/acme/widgets",
+            ),
+            ("/2.0/repositories/Acme/gadgets", "/2.0/repositories/acme"),
+            (
+                "/2.0/repositories/acme/widgets-evil",
+                "/2.0/repositories/acme",
+            ),
+            ("/2.0/Repositories/acme/widgets", "/"),
+            (
+                "/2.0/workspaces/ACME/projects/web/x",
+                "/2.0/workspaces/acme/projects/WEB",
+            ),
+            ("/2.0/workspaces/acme/Projects/web", "/2.0/workspaces/acme"),
+            ("/all/Widgets", "/all/widgets"),
+            ("/release/Widgets", "/release"),
+            (
+                "/git/acme/widgets/git-receive-pack",
+                "/git/acme/widgets.git",
+            ),
+            ("/git/Acme/Widgets.GIT/info/refs", "/git/acme/widgets.git"),
+            ("/git/acme/widgets.git.git", "/git/acme"),
+            ("/git/acme/gadgets.git", "/git/acme"),
+        ] {
+            assert_eq!(prefix_of(&table, path).as_deref(), Some(prefix), "{path}");
+        }
+        // The route's own spelling goes upstream.
+        let git = table.route("/git/ACME/widgets/info/refs").unwrap().unwrap();
+        assert_eq!(
+            git.upstream_path("/git/ACME/widgets/info/refs"),
+            "/acme/widgets.git/info/refs"
+        );
+        assert_eq!(
+            table.route("/2.0/repositories/acme/%57IDGETS").unwrap_err(),
+            PathError::AmbiguousEncoding.into()
+        );
+    }
+
+    #[test]
+    fn a_uuid_that_may_name_a_narrower_route_is_refused() {
+        let table = alias_table();
+        for path in [
+            "/2.0/repositories/acme/{0b1c2d3e-aaaa-bbbb-cccc-0123456789ab}",
+            "/2.0/repositories/acme/%7B0b1c2d3e-aaaa-bbbb-cccc-0123456789ab%7D/src",
+            "/2.0/repositories/acme/%7b0b1c%7d",
+            "/2.0/repositories/acme/%257B0b1c%257D",
+            "/2.0/repositories/{acme-uuid}/widgets",
+            "/2.0/repositories/{acme-uuid}",
+            "/2.0/workspaces/acme/projects/{p}",
+            "/all/{w}",
+            "/git/acme/{w}.git/git-receive-pack",
+            "/git/{ws}/widgets.git",
+        ] {
+            assert_eq!(
+                table.route(path).unwrap_err(),
+                RouteError::UuidAlias,
+                "{path}"
+            );
+        }
+        // No narrower route for it to name: Bitbucket resolves it within the route.
+        for (path, prefix) in [
+            (
+                "/2.0/repositories/acme/widgets/src/main/{x}",
+                "/2.0/repositories/acme/widgets",
+            ),
+            (
+                "/2.0/workspaces/acme/members/{user}",
+                "/2.0/workspaces/acme",
+            ),
+            ("/release/{w}", "/release"),
+            ("/git/acme/widgets.git/{x}", "/git/acme/widgets.git"),
+        ] {
+            assert_eq!(prefix_of(&table, path).as_deref(), Some(prefix), "{path}");
+        }
+    }
 }
+
+#[cfg(test)]
+mod alias_properties;
 
 #[cfg(test)]
 mod invariant {

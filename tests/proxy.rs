@@ -226,6 +226,18 @@ async fn longest_whole_segment_prefix_wins_and_aliases_map_paths() {
             "/acme/widgets.git/git-upload-pack",
             basic("x-token-auth", REPO_TOKEN),
         ),
+        // Other spellings of the same names take the same route, in the route's spelling
+        // (tests/aliases.rs has the rest).
+        (
+            "/2.0/repositories/ACME/widgets",
+            "/2.0/repositories/acme/widgets",
+            bearer(REPO_TOKEN),
+        ),
+        (
+            "/git/acme/widgets/git-upload-pack",
+            "/acme/widgets.git/git-upload-pack",
+            basic("x-token-auth", REPO_TOKEN),
+        ),
     ];
     for (target, upstream, authorization) in cases {
         let response = get(proxy.addr, target).await;
@@ -251,14 +263,13 @@ async fn longest_whole_segment_prefix_wins_and_aliases_map_paths() {
     .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
-    // No route: near misses, case differences, siblings of the alias.
+    // No route: near misses, case differences outside names, siblings of the alias.
     let count = mock.request_count();
     for target in [
         "/2.0/repositories/acmex",
         "/2.0/Repositories/acme/widgets",
-        "/2.0/repositories/ACME/widgets",
         "/releases",
-        "/git/acme/widgets",
+        "/git/acme",
         "/2.0/user",
         "/",
     ] {

@@ -1,6 +1,8 @@
 //! The routing invariant on arbitrary request paths: a credential only with the route that
-//! covers the path (as sent, decoded once and twice), and a forwarded path that stays inside
-//! the route's `upstream_prefix` however the upstream decodes it or removes dot-segments.
+//! Bitbucket's canonical spelling of the path belongs to (names in any case, git repositories
+//! with or without `.git`; as sent, decoded once and twice), a `{UUID}` that may name a narrower
+//! route's resource refused, and a forwarded path that stays inside the route's
+//! `upstream_prefix` however the upstream decodes it or removes dot-segments.
 //! See `bitbucket_auth_proxy::invariant::check_route`.
 #![no_main]
 
@@ -22,13 +24,20 @@ kind = "workspace_access_token"
 workspace = "acme"
 token = { value = "workspace-token" }
 
+[credentials.acme-web]
+kind = "project_access_token"
+workspace = "acme"
+project = "WEB"
+token = { value = "project-token" }
+
 [credentials.release-bot]
 kind = "api_token"
 email = "bot@acme.example"
 token = { value = "api-token" }
 "#;
 
-/// Nested routes with a narrower method list, an alias, and a git route: the README's shape.
+/// Nested routes with a narrower method list, aliases, a project and git routes: the README's
+/// shape, with a narrower route under each kind of name.
 const NESTED: &str = r#"
 [[routes]]
 prefix = "/2.0/repositories/acme/widgets"
@@ -45,10 +54,37 @@ upstream_prefix = "/2.0/repositories/acme"
 credential = "release-bot"
 
 [[routes]]
+prefix = "/all"
+upstream_prefix = "/2.0/repositories/acme"
+credential = "acme-all"
+
+[[routes]]
+prefix = "/all/widgets"
+upstream_prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+methods = ["GET"]
+
+[[routes]]
+prefix = "/2.0/workspaces/acme"
+credential = "acme-all"
+
+[[routes]]
+prefix = "/2.0/workspaces/acme/projects/WEB"
+credential = "acme-web"
+methods = ["GET"]
+
+[[routes]]
+prefix = "/git/acme"
+upstream = "git"
+upstream_prefix = "/acme"
+credential = "acme-all"
+
+[[routes]]
 prefix = "/git/acme/widgets.git"
 upstream = "git"
 upstream_prefix = "/acme/widgets.git"
 credential = "widgets-ci"
+methods = ["GET"]
 "#;
 
 /// A catch-all alias: `/` onto an upstream sub-tree.

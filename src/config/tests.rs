@@ -234,6 +234,97 @@ credential = "acme-web"
 }
 
 #[test]
+fn scope_checks_compare_names_as_routing_does() {
+    let lines = messages(
+        r#"
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "Acme/Widgets"
+token = { value = "t" }
+
+[credentials.acme-web]
+kind = "project_access_token"
+workspace = "acme"
+project = "WEB"
+token = { value = "t" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/git/acme/widgets"
+upstream = "git"
+upstream_prefix = "/ACME/widgets.git"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/2.0/workspaces/acme/projects/web"
+credential = "acme-web"
+
+[[routes]]
+prefix = "/2.0/workspaces/acme/projects/OPS"
+credential = "acme-web"
+"#,
+    );
+    assert_eq!(lines.len(), 1, "{}", lines.join("\n"));
+    assert!(
+        lines[0].contains("routes[3].credential: `acme-web` is a project_access_token"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn prefixes_naming_the_same_place_are_refused() {
+    let lines = messages(
+        r#"
+[credentials.widgets-ci]
+kind = "repository_access_token"
+repository = "acme/widgets"
+token = { value = "t" }
+
+[[routes]]
+prefix = "/2.0/repositories/acme/widgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/2.0/repositories/ACME/Widgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/git/acme/widgets.git"
+upstream = "git"
+upstream_prefix = "/acme/widgets.git"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/git/acme/widgets"
+upstream = "git"
+upstream_prefix = "/acme/widgets"
+credential = "widgets-ci"
+
+[[routes]]
+prefix = "/git/acme/Widgets-2"
+upstream = "git"
+upstream_prefix = "/acme/widgets"
+credential = "widgets-ci"
+"#,
+    );
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    assert!(
+        lines[0].contains("routes[1].prefix: `/2.0/repositories/ACME/Widgets` names the same place as route `/2.0/repositories/acme/widgets`"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("routes[3].prefix: `/git/acme/widgets` names the same place as route `/git/acme/widgets.git`"),
+        "{}",
+        lines[1]
+    );
+}
+
+#[test]
 fn app_password_is_accepted_with_a_deprecation_warning() {
     let config = load(
         r#"

@@ -23,8 +23,9 @@ use super::{
     DEFAULT_SEND_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT, DEFAULT_UNIX_SOCKET_MODE,
     DEFAULT_VERIFY_INTERVAL, ListenAddr, Origin, ServerSettings, UpstreamSettings,
 };
+use crate::alias::PrefixPattern;
 use crate::credentials::{Credential, CredentialKind, Scope, UpstreamKind};
-use crate::routing::{Route, RouteTable};
+use crate::routing::{Route, RouteTable, same_place};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
@@ -871,7 +872,8 @@ fn routes(
                 let list: Vec<&str> = methods.iter().map(Method::as_str).collect();
                 HeaderValue::from_str(&list.join(", ")).expect("method names are valid header text")
             });
-            routes.push(Arc::new(Route {
+            let route = Route {
+                pattern: PrefixPattern::new(upstream, &section.prefix, &upstream_prefix),
                 prefix: section.prefix.as_str().into(),
                 upstream,
                 upstream_prefix,
@@ -881,7 +883,17 @@ fn routes(
                 rewrite_links: section.rewrite_links.unwrap_or(true),
                 coalesce: section.coalesce.unwrap_or(true),
                 cache: route_cache,
-            }));
+            };
+            match routes.iter().find(|other: &&Arc<Route>| same_place(other, &route)) {
+                Some(other) => issues.error(
+                    format!("{key}.prefix"),
+                    format!(
+                        "`{}` names the same place as route `{}` (workspace, repository and project names match in any case, git repositories with or without .git); prefixes must be unique",
+                        route.prefix, other.prefix
+                    ),
+                ),
+                None => routes.push(Arc::new(route)),
+            }
         }
     }
     if sections.is_empty() {
