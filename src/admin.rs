@@ -83,6 +83,11 @@ pub async fn readiness(
             problems.push(format!("credentials.{name}: {}", status.detail));
         }
     }
+    if generation.warm_since.elapsed() < generation.config.upstream.connect_timeout {
+        for origin in generation.warm.unsettled() {
+            problems.push(format!("upstream.keep_warm: still connecting to {origin}"));
+        }
+    }
     let ready = problems.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },

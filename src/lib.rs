@@ -31,6 +31,7 @@ pub mod state;
 pub mod telemetry;
 pub mod upstream;
 pub mod verify;
+pub mod warm;
 
 pub use config::Config;
 pub use listener::{RunningProxy, ShutdownOutcome, start};

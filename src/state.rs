@@ -5,13 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use http::Uri;
+use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::credentials::UpstreamKind;
 use crate::governor::Governor;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
 use crate::upstream::{UpstreamClient, build_client};
 use crate::verify::VerifyStatus;
+use crate::warm::WarmConnector;
 
 /// Everything derived from one successfully loaded config.
 pub struct Generation {
@@ -19,6 +23,13 @@ pub struct Generation {
     pub number: u64,
     pub config: Arc<Config>,
     pub client: UpstreamClient,
+    /// The client's connector, for what `upstream.keep_warm` is doing.
+    pub warm: WarmConnector,
+    /// When `warm`'s keepers started: readiness waits for their first attempt at most
+    /// `upstream.connect_timeout` from here.
+    pub warm_since: Instant,
+    /// The origins the routes use, in a fixed order; what `warm` keeps a spare for.
+    warm_origins: Vec<Uri>,
     pub patterns: Arc<RewritePatterns>,
     /// Each credential's governor, by name. Governors outlive generations: a reload keeps
     /// counting what was sent in the last hour.
@@ -32,10 +43,19 @@ impl Generation {
         previous: Option<&Generation>,
         governors: &Mutex<HashMap<Arc<str>, Arc<Governor>>>,
     ) -> Self {
-        // Keep the connection pool across reloads unless the way upstream is reached changed.
-        let client = match previous {
-            Some(prev) if prev.config.upstream == config.upstream => prev.client.clone(),
-            _ => build_client(&config.upstream),
+        // Keep the connection pool across reloads unless the way upstream is reached, or the
+        // set of origins the routes use, changed.
+        let warm_origins = origins_in_use(&config);
+        let (client, warm, warm_since) = match previous {
+            Some(prev)
+                if prev.config.upstream == config.upstream && prev.warm_origins == warm_origins =>
+            {
+                (prev.client.clone(), prev.warm.clone(), prev.warm_since)
+            }
+            _ => {
+                let (client, warm) = build_client(&config.upstream, &warm_origins);
+                (client, warm, Instant::now())
+            }
         };
         let patterns = Arc::new(RewritePatterns::new(&config));
         let mut all = governors.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,10 +75,35 @@ impl Generation {
             number,
             config: Arc::new(config),
             client,
+            warm,
+            warm_since,
+            warm_origins,
             patterns,
             governors,
         }
     }
+}
+
+/// `scheme://authority/` of each upstream some route forwards to, api before git.
+fn origins_in_use(config: &Config) -> Vec<Uri> {
+    [UpstreamKind::Api, UpstreamKind::Git]
+        .into_iter()
+        .filter(|kind| config.routes.routes().iter().any(|r| r.upstream == *kind))
+        .filter_map(|kind| {
+            let origin = config.upstream.origin(kind);
+            Uri::builder()
+                .scheme(origin.scheme.clone())
+                .authority(origin.authority.clone())
+                .path_and_query("/")
+                .build()
+                .ok()
+        })
+        .fold(Vec::new(), |mut origins, origin| {
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+            origins
+        })
 }
 
 /// Shared by every connection for the life of the process.

@@ -49,6 +49,7 @@ pub struct UpstreamSection {
     pub idle_timeout: Option<String>,
     pub verify_interval: Option<String>,
     pub http2: Option<bool>,
+    pub keep_warm: Option<bool>,
     pub proxy: Option<String>,
     pub proxy_username: Option<String>,
     pub proxy_password: Option<SecretSpec>,
