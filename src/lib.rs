@@ -15,6 +15,7 @@ pub mod error;
 pub mod governor;
 pub mod headers;
 pub mod health;
+pub mod idle;
 #[doc(hidden)]
 pub mod invariant;
 pub mod limits;
