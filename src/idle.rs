@@ -95,7 +95,7 @@ pub struct ParkingIo<I> {
     prefix: [u8; 4],
     /// A write was attempted since the last completed flush.
     unflushed: bool,
-    /// Bytes were read since the last completed flush.
+    /// Bytes were read since the last response was flushed.
     read_since_flush: bool,
 }
 
@@ -227,7 +227,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ParkingIo<I> {
             return Poll::Ready(Ok(()));
         };
         let flushed = Pin::new(inner).poll_flush(cx);
-        if let Poll::Ready(Ok(())) = flushed {
+        // hyper also flushes with nothing written (after reading part of a head, say): only a
+        // flush of a write, i.e. of a response, settles what was read before it.
+        if this.unflushed && matches!(flushed, Poll::Ready(Ok(()))) {
             this.unflushed = false;
             this.read_since_flush = false;
         }
