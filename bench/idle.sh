@@ -193,6 +193,8 @@ token = { value = "$TOKEN" }
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "acme"
+# The same job as nginx's (and a content-length response for the client script).
+rewrite_links = false
 EOF
 }
 
@@ -307,7 +309,7 @@ OUT=$ROOT/bench/results/issue18-idle-$STAMP.md
     echo
     echo "\`bench/idle.sh --conns $CONNS --targets $TARGETS\`. Load average before $LOAD_BEFORE, after $LOAD_AFTER."
     echo "Each connection: one GET of a 1.2 KiB page through the target, response read, then idle."
-    echo "One worker each (the proxy's runtime as started by \`run\`: one per CPU here)."
+    echo "nginx with one worker; the proxy with its default runtime (one worker thread per CPU)."
     echo
     echo "| connections | target | RSS before KiB | RSS idle KiB | KiB per connection | open | errors | alive after |"
     echo "|---|---|---|---|---|---|---|---|"

@@ -135,7 +135,7 @@ printf '{"type":"repository","full_name":"acme/widgets","slug":"widgets","scm":"
     printf '001e# service=git-upload-pack\n0000'
     git upload-pack --stateless-rpc --advertise-refs .
 ) >"$WORK/www/info-refs"
-EXPECTED_REFS=$(git -C "$WORK/repo" show-ref | wc -l)
+EXPECTED_REFS=$(git ls-remote "$WORK/repo" | wc -l)
 
 NGINX_USER=""
 ((EUID == 0)) && NGINX_USER="user root;"
@@ -153,6 +153,7 @@ $(for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $WORK
   # Idle connections, fresh or used, are closed after 2 s.
   keepalive_timeout 2s;
   client_header_timeout 2s;
+  map_hash_bucket_size 128;
   map \$http_authorization \$authorized {
     "Bearer $TOKEN" 1;
     "$GIT_AUTH" 1;
@@ -237,13 +238,13 @@ call_curl() { # $1 way $2 case
             "http://127.0.0.1:$P_PROXY$PAGE_PATH" 2>&1) || ok=0
     fi
     [[ ${out%% *} == 200 ]] || ok=0
-    record "$1" "$2" curl "$(awk '{ printf "%.3f", $2 * 1000 }' <<<"${out#* }")" "$ok"
+    record "$1" "$2" curl "$(awk '{ printf "%.3f", $2 * 1000 }' <<<"$out")" "$ok"
 }
 call_git() { # $1 way $2 case
     local start end refs ok=1
     start=$EPOCHREALTIME
     if [[ $1 == direct ]]; then
-        refs=$(git -c http.sslCAInfo="$CA" -c http.extraHeader="Authorization: $GIT_AUTH" \
+        refs=$(GIT_SSL_CAINFO=$CA git -c http.extraHeader="Authorization: $GIT_AUTH" \
             ls-remote "https://127.0.0.1:$P_RELAY/acme/widgets.git" 2>>"$WORK/logs/git.log") || ok=0
     else
         refs=$(git ls-remote "http://127.0.0.1:$P_PROXY/git/acme/widgets.git" \
