@@ -18,7 +18,9 @@ usage: bench/idle.sh [--conns LIST] [--targets LIST] [--no-build | --bin PATH] [
   --no-build      use the existing target/release binary
   --bin PATH      measure this proxy binary
   --keep          keep the temporary directory
-Environment: BENCH_PORT_BASE (default 28700; uses 4 ports from there).
+Environment: BENCH_PORT_BASE (default 28700; uses 4 ports from there); IDLE_BATCH=B and
+IDLE_PAUSE=S pause S seconds after every B connections (the proxy parks idle connections after
+1 s: paced, the figure is the parked state's cost without the unparked ones' high-water mark).
 EOF
     exit "${1:-2}"
 }
@@ -201,11 +203,15 @@ EOF
 cat >"$WORK/clients.py" <<'EOF'
 # Opens N connections, one GET each, response read in full, then holds them all; prints
 # "OPEN <ok> <errors>" and waits for a line on stdin before closing them.
-import socket, sys
+import os, socket, sys, time
 port, n, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# IDLE_BATCH=B IDLE_PAUSE=S: a pause of S seconds after every B connections (default: none).
+batch, pause = int(os.environ.get("IDLE_BATCH", "0")), float(os.environ.get("IDLE_PAUSE", "0"))
 request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
 held, errors = [], 0
-for _ in range(n):
+for i in range(n):
+    if batch and i and i % batch == 0:
+        time.sleep(pause)
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(request)

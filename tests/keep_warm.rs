@@ -180,3 +180,18 @@ async fn keep_warm_false_opens_nothing_before_a_request() {
     assert_eq!(upstream.raw.connection_count(), 0);
     assert_eq!(served_on(&proxy).await, "1");
 }
+
+#[test]
+fn keep_warm_is_on_by_default_and_must_be_a_boolean() {
+    use bitbucket_auth_proxy::Config;
+    let pki = TestPki::new();
+    let setup = Setup::new("https://127.0.0.1:1", pki.ca_path());
+    let parse = |toml: &str| Config::from_toml(std::path::Path::new("test.toml"), toml);
+    let on = setup.keep_warm().toml();
+    assert!(parse(&on).unwrap().upstream.keep_warm);
+    let off = Setup::new("https://127.0.0.1:1", pki.ca_path()).toml();
+    assert!(!parse(&off).unwrap().upstream.keep_warm);
+    let wrong = on.replace("[upstream]\n", "[upstream]\nkeep_warm = \"yes\"\n");
+    let error = parse(&wrong).unwrap_err().to_string();
+    assert!(error.contains("keep_warm"), "{error}");
+}
