@@ -136,6 +136,11 @@ pub async fn readiness(
             problems.push(format!("credentials.{name}: {}", status.detail));
         }
     }
+    if generation.warm_since.elapsed() < generation.config.upstream.connect_timeout {
+        for origin in generation.warm.unsettled() {
+            problems.push(format!("upstream.keep_warm: still connecting to {origin}"));
+        }
+    }
     // A cool-down or NearLimit pacing is the proxy doing its job, not a fault: reported here
     // for operators, without making the proxy unready (which would only move the load).
     let mut cooldowns = std::collections::BTreeMap::new();

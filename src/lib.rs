@@ -22,6 +22,7 @@ pub mod git_config;
 pub mod governor;
 pub mod headers;
 pub mod health;
+pub mod idle;
 #[doc(hidden)]
 pub mod invariant;
 pub mod limits;
@@ -40,6 +41,7 @@ pub mod state;
 pub mod telemetry;
 pub mod upstream;
 pub mod verify;
+pub mod warm;
 
 pub use config::Config;
 pub use listener::{RunningProxy, ShutdownOutcome, start};

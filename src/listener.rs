@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::ListenerRole;
 use crate::config::{Config, ListenAddr, ServerSettings};
+use crate::idle::{PARK_AFTER, ParkSlot, ParkingIo, wait_for_byte};
 use crate::limits::{InFlightLimitLayer, OpenRequests, SendTimeoutIo};
 use crate::proxy::{ConnectionInfo, ProxyService};
 use crate::reload::ReloadHandle;
@@ -122,6 +123,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, StartError> {
             idle_timeout: server.header_read_timeout,
             too_many_connections: too_many_connections(),
             cut: cut_rx.clone(),
+            stop: stop_rx.clone(),
         })
     };
     let main_context = context(ListenerRole::Main { admin_elsewhere });
@@ -247,6 +249,8 @@ struct ServeContext {
     too_many_connections: Bytes,
     /// Becomes `true` when shutdown's grace period has run out.
     cut: watch::Receiver<bool>,
+    /// Becomes `true` when shutdown begins: connections finish their requests and close.
+    stop: watch::Receiver<bool>,
 }
 
 fn server_builder(server: &ServerSettings) -> auto::Builder<StreamExecutor> {
@@ -340,8 +344,12 @@ fn too_many_connections() -> Bytes {
     [head.as_bytes(), &body].concat().into()
 }
 
-fn serve<I>(mut io: I, info: ConnectionInfo, context: &ServeContext, graceful: &GracefulShutdown)
-where
+fn serve<I>(
+    mut io: I,
+    info: ConnectionInfo,
+    context: &Arc<ServeContext>,
+    graceful: &GracefulShutdown,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Ok(connection_permit) = context.connections.clone().try_acquire_owned() else {
@@ -353,44 +361,128 @@ where
         });
         return;
     };
-    let peer = info.peer;
     let open = OpenRequests::default();
-    let idle_timeout = context.idle_timeout;
-    let service = tower::ServiceBuilder::new()
-        .layer(AccessLogLayer::new(context.state.metrics.clone()).with_connection(&info))
-        .layer(InFlightLimitLayer::new(
-            context.in_flight.clone(),
-            open.clone(),
-        ))
-        .service(ProxyService::new(context.state.clone(), info));
-    let io = SendTimeoutIo::new(io, context.send_timeout);
-    let connection = context
-        .builder
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-        .into_owned();
-    let connection = graceful.watch(connection);
-    let mut cut = context.cut.clone();
+    let slot = Arc::new(ParkSlot::default());
+    let io = ParkingIo::new(SendTimeoutIo::new(io, context.send_timeout), slot.clone());
+    // Never used to watch a connection: shutdown waits until every connection task has
+    // dropped it, parked ones included; the task itself follows `stop`.
+    let drain_guard = graceful.watcher();
+    let context = context.clone();
     tokio::spawn(async move {
-        // Only an explicit cut: dropping a `RunningProxy` without `shutdown` leaves them be.
-        let cut = async {
-            if cut.wait_for(|cut| *cut).await.is_err() {
-                std::future::pending::<()>().await;
+        let mut io = Some(io);
+        while let Some(current) = io.take() {
+            if !context.serve_http(current, &info, &open, &slot).await {
+                break;
             }
-        };
-        tokio::select! {
-            result = connection => {
-                if let Err(error) = result {
-                    tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
-                }
-            }
-            () = cut => tracing::debug!(?peer, "shutdown grace period over: connection closed"),
-            // Before its first request, between requests, or an h2 connection with no stream.
-            () = open.idle_for(idle_timeout) => {
-                tracing::debug!(?peer, "no request for server.header_read_timeout: connection closed");
-            }
+            let Some(parked) = slot.take() else {
+                break;
+            };
+            io = context.wait_parked(parked, &info, &open, &slot).await;
         }
+        drop(drain_guard);
         drop(connection_permit);
     });
+}
+
+/// Resolves when `signal` turns true; never, if its sender is gone (a `RunningProxy` dropped
+/// without `shutdown` leaves its connections be).
+async fn signalled(mut signal: watch::Receiver<bool>) {
+    if signal.wait_for(|on| *on).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+type ConnectionIo<I> = ParkingIo<SendTimeoutIo<I>>;
+
+impl ServeContext {
+    /// Serves HTTP on `io` until hyper's connection ends; true when it ended by parking (the
+    /// socket is then in `slot`) or cleanly, false when the connection is to be closed.
+    async fn serve_http<I>(
+        &self,
+        io: ConnectionIo<I>,
+        info: &ConnectionInfo,
+        open: &OpenRequests,
+        slot: &ParkSlot<SendTimeoutIo<I>>,
+    ) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
+        let service = tower::ServiceBuilder::new()
+            .layer(AccessLogLayer::new(self.state.metrics.clone()).with_connection(info))
+            .layer(InFlightLimitLayer::new(
+                self.in_flight.clone(),
+                open.clone(),
+            ))
+            .service(ProxyService::new(self.state.clone(), info.clone()));
+        // Boxed: a parked connection's task must not keep room for hyper's connection.
+        let mut connection = Box::pin(
+            self.builder
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+                .into_owned(),
+        );
+        let mut stopping = *self.stop.borrow();
+        if stopping {
+            connection.as_mut().graceful_shutdown();
+        }
+        let mut park_allowed = true;
+        let mut park_retry = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(?peer, error = %crate::error::error_chain(error.as_ref()), "connection ended with an error");
+                    }
+                    return !stopping;
+                }
+                () = signalled(self.cut.clone()) => {
+                    tracing::debug!(?peer, "shutdown grace period over: connection closed");
+                    return false;
+                }
+                () = signalled(self.stop.clone()), if !stopping => {
+                    stopping = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                // Before its first request, between requests, or an h2 connection with no stream.
+                () = open.idle_for(self.idle_timeout) => {
+                    tracing::debug!(?peer, "no request for server.header_read_timeout: connection closed");
+                    return false;
+                }
+                () = open.idle_for(PARK_AFTER), if park_allowed && !stopping && slot.may_park() => {
+                    // The connection is polled again on the next turn, and parks if it can.
+                    slot.request();
+                    park_allowed = false;
+                    park_retry = tokio::time::Instant::now() + PARK_AFTER;
+                }
+                () = tokio::time::sleep_until(park_retry), if !park_allowed => park_allowed = true,
+            }
+        }
+    }
+
+    /// Holds a parked socket until its next byte (a new hyper connection then), the client's
+    /// close, `header_read_timeout`, or shutdown.
+    async fn wait_parked<I>(
+        &self,
+        mut parked: SendTimeoutIo<I>,
+        info: &ConnectionInfo,
+        open: &OpenRequests,
+        slot: &Arc<ParkSlot<SendTimeoutIo<I>>>,
+    ) -> Option<ConnectionIo<I>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::select! {
+            byte = wait_for_byte(&mut parked) => match byte {
+                Ok(Some(first)) => Some(ParkingIo::resume(parked, first, slot.clone())),
+                _ => None,
+            },
+            () = open.idle_for(self.idle_timeout) => {
+                tracing::debug!(peer = ?info.peer, "no request for server.header_read_timeout: connection closed");
+                None
+            }
+            () = signalled(self.stop.clone()) => None,
+        }
+    }
 }
 
 impl RunningProxy {

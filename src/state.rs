@@ -5,14 +5,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use http::Uri;
+use tokio::time::Instant;
 
 use crate::budget::CredentialBudget;
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::credentials::UpstreamKind;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
 use crate::upstream::{UpstreamClient, build_client};
 use crate::verify::VerifyStatus;
+use crate::warm::WarmConnector;
 
 /// Everything derived from one successfully loaded config.
 pub struct Generation {
@@ -20,6 +24,13 @@ pub struct Generation {
     pub number: u64,
     pub config: Arc<Config>,
     pub client: UpstreamClient,
+    /// The client's connector, for what `upstream.keep_warm` is doing.
+    pub warm: WarmConnector,
+    /// When `warm`'s keepers started: readiness waits for their first attempt at most
+    /// `upstream.connect_timeout` from here.
+    pub warm_since: Instant,
+    /// The origins the routes use, in a fixed order; what `warm` keeps a spare for.
+    warm_origins: Vec<Uri>,
     pub patterns: Arc<RewritePatterns>,
     /// Each credential's request budget, by name. Budgets outlive generations: a reload keeps
     /// counting what was sent in the last hour, and keeps a cool-down in progress.
@@ -37,10 +48,19 @@ impl Generation {
         budgets: &Mutex<HashMap<Arc<str>, Arc<CredentialBudget>>>,
         metrics: &Metrics,
     ) -> Self {
-        // Keep the connection pool across reloads unless the way upstream is reached changed.
-        let client = match previous {
-            Some(prev) if prev.config.upstream == config.upstream => prev.client.clone(),
-            _ => build_client(&config.upstream),
+        // Keep the connection pool across reloads unless the way upstream is reached, or the
+        // set of origins the routes use, changed.
+        let warm_origins = origins_in_use(&config);
+        let (client, warm, warm_since) = match previous {
+            Some(prev)
+                if prev.config.upstream == config.upstream && prev.warm_origins == warm_origins =>
+            {
+                (prev.client.clone(), prev.warm.clone(), prev.warm_since)
+            }
+            _ => {
+                let (client, warm) = build_client(&config.upstream, &warm_origins);
+                (client, warm, Instant::now())
+            }
         };
         let patterns = Arc::new(RewritePatterns::new(&config));
         let mut all = budgets.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,10 +88,35 @@ impl Generation {
             cache,
             config: Arc::new(config),
             client,
+            warm,
+            warm_since,
+            warm_origins,
             patterns,
             budgets,
         }
     }
+}
+
+/// `scheme://authority/` of each upstream some route forwards to, api before git.
+fn origins_in_use(config: &Config) -> Vec<Uri> {
+    [UpstreamKind::Api, UpstreamKind::Git]
+        .into_iter()
+        .filter(|kind| config.routes.routes().iter().any(|r| r.upstream == *kind))
+        .filter_map(|kind| {
+            let origin = config.upstream.origin(kind);
+            Uri::builder()
+                .scheme(origin.scheme.clone())
+                .authority(origin.authority.clone())
+                .path_and_query("/")
+                .build()
+                .ok()
+        })
+        .fold(Vec::new(), |mut origins, origin| {
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+            origins
+        })
 }
 
 /// Shared by every connection for the life of the process.

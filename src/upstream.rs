@@ -4,7 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use http::Uri;
+
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -15,8 +17,9 @@ use rustls_pki_types::pem::PemObject;
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamSettings;
 use crate::egress::EgressConnector;
+use crate::warm::WarmConnector;
 
-pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamRequestBody>;
+pub type UpstreamClient = Client<WarmConnector, UpstreamRequestBody>;
 
 /// How long an unused pooled connection is kept. Bitbucket's edge closes idle connections on its
 /// own schedule; a stale pooled connection is retried by the client, so this only bounds sockets.
@@ -92,8 +95,12 @@ pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
 
 /// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN (and
 /// `upstream.http2` allows it), HTTP/1.1 otherwise. Certificates are always verified; there is
-/// no switch to turn that off.
-pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
+/// no switch to turn that off. With `upstream.keep_warm`, `warm_origins` get a connected spare
+/// (see [`crate::warm`]); the returned connector reports on them.
+pub fn build_client(
+    settings: &UpstreamSettings,
+    warm_origins: &[Uri],
+) -> (UpstreamClient, WarmConnector) {
     let mut http = HttpConnector::new();
     // The scheme is enforced by config validation (https, or http on loopback only).
     http.enforce_http(false);
@@ -111,11 +118,21 @@ pub fn build_client(settings: &UpstreamSettings) -> UpstreamClient {
     } else {
         http1.wrap_connector(egress)
     };
-    Client::builder(TokioExecutor::new())
+    let warm_origins = if settings.keep_warm {
+        warm_origins
+    } else {
+        &[]
+    };
+    let warm = WarmConnector::new(https, warm_origins, settings.connect_timeout * 2);
+    let client = Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .http2_keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+        // Keeping warm, a quiet h2 connection is PINGed too: a dead one is found and dropped
+        // before a request lands on it, and NATs and egress proxies keep its mapping.
+        .http2_keep_alive_while_idle(settings.keep_warm)
         .http2_adaptive_window(true)
-        .build(https)
+        .build(warm.clone());
+    (client, warm)
 }

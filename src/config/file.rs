@@ -114,6 +114,8 @@ pub struct UpstreamSection {
     pub verify_interval: Option<DurationText>,
     /// Offer HTTP/2 to the upstream. Default: true.
     pub http2: Option<bool>,
+    /// Keep a connected spare to each upstream origin the routes use. Default: true.
+    pub keep_warm: Option<bool>,
     /// An http:// egress proxy to tunnel through with CONNECT. Default: from HTTPS_PROXY etc.
     pub proxy: Option<String>,
     /// Basic credentials for the egress proxy: user name.

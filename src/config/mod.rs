@@ -115,6 +115,8 @@ pub struct UpstreamSettings {
     pub verify_interval: Duration,
     /// `upstream.http2`: offer HTTP/2 in ALPN (else HTTP/1.1 only).
     pub http2: bool,
+    /// `upstream.keep_warm`: hold a connected spare to every origin the routes use.
+    pub keep_warm: bool,
     /// `upstream.proxy`: the HTTP proxy to tunnel through (else the environment's, if any).
     pub proxy: Option<crate::egress::EgressProxy>,
 }

@@ -106,6 +106,7 @@ pub struct Setup {
     server: String,
     upstream: String,
     routes: String,
+    keep_warm: bool,
 }
 
 impl Setup {
@@ -118,6 +119,7 @@ impl Setup {
             server: String::new(),
             upstream: "timeout = \"10s\"\n".to_owned(),
             routes: DEFAULT_ROUTES.to_owned(),
+            keep_warm: false,
         }
     }
 
@@ -138,6 +140,13 @@ impl Setup {
         self
     }
 
+    /// Leaves `upstream.keep_warm` at its default (on). Off otherwise: most tests count the
+    /// upstream connections their requests open, and a spare would be one more.
+    pub fn keep_warm(mut self) -> Setup {
+        self.keep_warm = true;
+        self
+    }
+
     pub fn routes(mut self, routes: &str) -> Setup {
         self.routes = routes.to_owned();
         self
@@ -145,11 +154,16 @@ impl Setup {
 
     pub fn toml(&self) -> String {
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}\n\n[upstream]\napi_url = {}\ngit_url = {}\nca_file = {}\n{}\n{}\n{}",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}\n\n[upstream]\napi_url = {}\ngit_url = {}\nca_file = {}\n{}{}\n{}\n{}",
             self.server,
             toml_string(&self.api_url),
             toml_string(&self.git_url),
             toml_string(&self.ca_file),
+            if self.keep_warm {
+                ""
+            } else {
+                "keep_warm = false\n"
+            },
             self.upstream,
             credentials_toml(),
             self.routes,
