@@ -27,9 +27,13 @@ RUN mkdir src \
  && rm -rf src
 
 # Then the real source. COPY keeps the files' own timestamps, which may be older than the dummy
-# build: touch them so cargo rebuilds the crate.
+# build: touch them so cargo rebuilds the crate. build.rs stamps `--version` and the build_info
+# metric with the commit; .git is not in the context, so the REVISION build argument names it.
+ARG REVISION=unknown
+COPY build.rs ./
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
+ && if [ "$REVISION" != unknown ]; then export BITBUCKET_AUTH_PROXY_COMMIT="$(printf %.7s "$REVISION")"; fi \
  && cargo build --release --locked \
  && cp target/release/bitbucket-auth-proxy /usr/local/bin/bitbucket-auth-proxy
 
