@@ -29,6 +29,7 @@ pub mod rewrite;
 pub mod routing;
 pub mod secrets;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 pub mod verify;

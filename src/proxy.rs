@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 
 use crate::admin;
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
-use crate::budget::BudgetPermit;
+use crate::budget::{BudgetPermit, Shared};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -160,7 +160,9 @@ async fn run_phases(
     let response = forwarded?;
     record_upstream(state, &route, started);
     if let Some(attempt) = attempt {
-        attempt.answered(response.status(), response.headers());
+        attempt
+            .answered(response.status(), response.headers())
+            .await;
     }
     Ok(rewrite_response(
         generation,
@@ -286,7 +288,11 @@ pub async fn govern(
         .map_or(std::time::Duration::ZERO, |limit| limit.max_wait);
     // Waiting for a probe is bounded by how long the probe itself may take to be answered.
     let probe_wait = generation.config.upstream.timeout;
-    budget.acquire(max_wait, probe_wait).await.map(Some)
+    let shared = generation.store.as_ref().map(|store| Shared {
+        store: store.clone(),
+        credential: credential.clone(),
+    });
+    budget.acquire(max_wait, probe_wait, shared).await.map(Some)
 }
 
 /// Phase 4: the upstream request. The URI is rebuilt from the upstream origin and the mapped

@@ -10,6 +10,7 @@ use crate::budget::CredentialBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
+use crate::store::Store;
 use crate::upstream::{UpstreamClient, build_client};
 use crate::verify::VerifyStatus;
 
@@ -23,6 +24,9 @@ pub struct Generation {
     /// Each credential's request budget, by name. Budgets outlive generations: a reload keeps
     /// counting what was sent in the last hour, and keeps a cool-down in progress.
     pub budgets: HashMap<Arc<str>, Arc<CredentialBudget>>,
+    /// `[store]`, if configured: where budgets and cool-downs are shared with other replicas.
+    /// Kept across reloads while its settings stay the same.
+    pub store: Option<Arc<Store>>,
 }
 
 impl Generation {
@@ -39,6 +43,21 @@ impl Generation {
             _ => build_client(&config.upstream),
         };
         let patterns = Arc::new(RewritePatterns::new(&config));
+        let store = match (previous, &config.store) {
+            (_, None) => None,
+            (Some(prev), Some(settings)) if prev.config.store.as_ref() == Some(settings) => {
+                prev.store.clone()
+            }
+            (_, Some(settings)) => match Store::new(settings, metrics) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(why) => {
+                    // Validation accepted the settings; the client refusing them leaves the
+                    // budgets in-process rather than the proxy down.
+                    tracing::error!(error = %why, "cannot build the store client; budgets stay per process");
+                    None
+                }
+            },
+        };
         let mut all = budgets.lock().unwrap_or_else(|p| p.into_inner());
         let budgets = config
             .credentials
@@ -64,6 +83,7 @@ impl Generation {
             client,
             patterns,
             budgets,
+            store,
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct ConfigFile {
     pub credentials: BTreeMap<String, CredentialSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    pub store: Option<StoreSection>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -145,4 +146,17 @@ pub struct RouteSection {
     pub upstream_prefix: Option<String>,
     pub methods: Option<Vec<String>>,
     pub rewrite_links: Option<bool>,
+}
+
+/// `[store]`: the Redis server replicas share budgets and cool-downs through.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<SecretSpec>,
+    pub prefix: Option<String>,
+    pub timeout: Option<String>,
+    pub on_error: Option<String>,
 }

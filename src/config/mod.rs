@@ -3,6 +3,7 @@
 //! would be valid.
 
 mod file;
+mod store;
 mod validate;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use crate::credentials::{Credential, UpstreamKind};
 use crate::routing::RouteTable;
 
 pub use file::ConfigFile;
+pub use store::{OnStoreError, StoreSettings};
 pub use validate::is_loopback_host;
 
 /// Environment variable that may hold the config path instead of `--config`.
@@ -33,6 +35,8 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub credentials: Vec<Arc<Credential>>,
     pub routes: RouteTable,
+    /// `[store]`: where replicas share budgets and cool-downs; `None` keeps them in-process.
+    pub store: Option<StoreSettings>,
     /// Where each secret was read from, by config key (for readiness and reload watching).
     pub secret_sources: Vec<(String, crate::secrets::SecretSource)>,
     /// Things that work but deserve attention (inline secrets, app passwords).
@@ -200,6 +204,7 @@ impl Config {
                 }),
         );
         files.extend(self.upstream.ca_file.clone());
+        files.extend(self.store.as_ref().and_then(|store| store.ca_file.clone()));
         files
     }
 

@@ -25,14 +25,18 @@ use crate::routing::{Route, RouteTable, segment_prefix_matches};
 use crate::secrets::{SecretError, SecretSource, SecretSpec};
 
 /// Collects issues while validation walks the file.
-struct Issues {
+pub(super) struct Issues {
     issues: Vec<ConfigIssue>,
     warnings: Vec<String>,
     secret_sources: Vec<(String, SecretSource)>,
 }
 
 impl Issues {
-    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn count(&self) -> usize {
+        self.issues.len()
+    }
+
+    pub(super) fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.issues.push(ConfigIssue {
             key: key.into(),
             message: message.into(),
@@ -53,6 +57,10 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
     let upstream = upstream_settings(&mut issues, &file, base_dir);
     let credentials = credentials(&mut issues, file.credentials, base_dir);
     let routes = routes(&mut issues, &file.routes, &credentials);
+    let store = file
+        .store
+        .as_ref()
+        .and_then(|section| super::store::store_settings(&mut issues, section, base_dir));
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -61,6 +69,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigEr
             upstream,
             credentials: credentials.into_values().flatten().collect(),
             routes,
+            store,
             secret_sources: issues.secret_sources,
             warnings: issues.warnings,
         })
@@ -196,7 +205,7 @@ fn parse_listen(spec: &str) -> Option<ListenAddr> {
     }
 }
 
-fn parse_duration(
+pub(super) fn parse_duration(
     issues: &mut Issues,
     key: &str,
     value: Option<&str>,
@@ -626,7 +635,7 @@ const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 /// Requests a credential with `rate_limit` may send back to back when `burst` is not given.
 const DEFAULT_BURST: u32 = 10;
 
-fn load_secret(
+pub(super) fn load_secret(
     issues: &mut Issues,
     key: &str,
     spec: &SecretSpec,
