@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
