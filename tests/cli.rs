@@ -504,7 +504,12 @@ fn example_config_shows_every_documented_key() {
         })
     };
     let mut checked = 0;
-    for heading in ["### `[server]`", "### `[upstream]`", "### `[[routes]]`"] {
+    for heading in [
+        "### `[server]`",
+        "### `[upstream]`",
+        "### `[[routes]]`",
+        "### `[store]`",
+    ] {
         let keys = documented_keys(&readme, heading);
         assert!(keys.len() >= 4, "{heading}: {keys:?}");
         for key in keys {

@@ -266,6 +266,72 @@ fn read_ca_pem(path: &Path) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, ConfigError};
+
+    fn load(store: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "[credentials.ci]\nkind = \"workspace_access_token\"\nworkspace = \"acme\"\ntoken = {{ value = \"t\" }}\n\n[[routes]]\nprefix = \"/2.0/repositories/acme\"\ncredential = \"ci\"\n\n[store]\n{store}\n"
+        );
+        Config::from_toml(Path::new("/etc/proxy.toml"), &text)
+    }
+
+    #[test]
+    fn defaults_and_every_key() {
+        let config = load("url = \"redis://127.0.0.1:6380/3\"").unwrap();
+        let store = config.store.unwrap();
+        assert_eq!((store.port, store.db, store.tls), (6380, 3, false));
+        assert_eq!(store.prefix, DEFAULT_STORE_PREFIX);
+        assert_eq!(store.timeout, DEFAULT_STORE_TIMEOUT);
+        assert_eq!(store.on_error, OnStoreError::Local);
+        assert!(
+            load("")
+                .unwrap_err()
+                .to_string()
+                .contains("missing field `url`")
+        );
+        let config = load(
+            "url = \"redis://r\"\nusername = \"bbap\"\npassword = { value = \"pw-Zq8\" }\nprefix = \"ci:\"\ntimeout = \"20ms\"\non_error = \"refuse\"",
+        )
+        .unwrap();
+        let store = config.store.as_ref().unwrap();
+        assert_eq!(store.on_error, OnStoreError::Refuse);
+        assert_eq!(store.password.as_ref().unwrap().expose(), "pw-Zq8");
+        assert!(!format!("{config:?}").contains("pw-Zq8"));
+        assert!(
+            load("url = \"redis://r\"\nport = 1")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `port`")
+        );
+    }
+
+    #[test]
+    fn every_problem_names_the_file_the_key_and_what_is_valid() {
+        let error = load(
+            "url = \"redis://u:pw@r\"\nca_file = \"/nonexistent/ca.pem\"\nusername = \"bbap\"\nprefix = \"a b\"\ntimeout = \"10s\"\non_error = \"maybe\"",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "/etc/proxy.toml: store.url: `redis://u:pw@r` holds a user or password; give them as store.username and store.password",
+            "/etc/proxy.toml: store.ca_file: cannot read /nonexistent/ca.pem",
+            "store.password: store.username needs a password",
+            "store.prefix: `a b` is not a valid key prefix (valid: 1 to 64 of",
+            "store.timeout: is longer than 5s",
+            "store.on_error: `maybe` is not valid (valid: \"local\" or \"refuse\")",
+        ] {
+            assert!(error.contains(expected), "{expected}\n---\n{error}");
+        }
+        let error = load("url = \"redis://r\"\npassword = { env = \"BBAP_TEST_UNSET_REDIS_PW\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "store.password: environment variable BBAP_TEST_UNSET_REDIS_PW is not set"
+            ),
+            "{error}"
+        );
+    }
 
     #[test]
     fn store_urls() {

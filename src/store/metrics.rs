@@ -20,7 +20,7 @@ impl StoreMetrics {
         let metrics = StoreMetrics::default();
         registry.register(
             "store_up",
-            "1 while the shared store ([store]) answers, 0 while it is down; absent without [store]",
+            "1 while the shared store ([store]) answers; 0 while it is down, and always without [store]",
             metrics.up.clone(),
         );
         registry.register(
