@@ -378,3 +378,56 @@ async fn redis_killed_mid_run_refuse_answers_503_then_recovers() {
     .await;
     assert_eq!(ready(fleet.addr(0)).await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_never_answers_costs_each_request_at_most_its_timeout() {
+    // Accepts connections and never says a word: a hung Redis.
+    let hung = HangingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = bitbucket(StatusCode::OK);
+    let store = |on_error: &str| {
+        format!(
+            "url = \"redis://{}/0\"\ntimeout = \"300ms\"\non_error = \"{on_error}\"",
+            hung.addr()
+        )
+    };
+    let local = Replica::start(
+        dir.path(),
+        "local",
+        &config(&upstream, "ci", "", &store("local")),
+    )
+    .await;
+    let refuse = Replica::start(
+        dir.path(),
+        "refuse",
+        &config(&upstream, "ci", "", &store("refuse")),
+    )
+    .await;
+    let started = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(status_and_reason(local.addr).await.0, StatusCode::OK);
+        let (status, reason) = status_and_reason(refuse.addr).await;
+        assert_eq!(
+            (status, reason.as_deref()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("store-unavailable"))
+        );
+    }
+    // 20 requests: the first of each replica waits out the 300 ms, the rest skip the store
+    // while it is down (one retry per backoff interval). Without the bound they would wait
+    // for upstream.timeout (10 s) or forever.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.request_count(), 10);
+    let (_, body) = ready(local.addr).await;
+    assert_eq!(body["store"]["state"], "down", "{body}");
+    assert!(
+        body["store"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("store.timeout"),
+        "{body}"
+    );
+}
