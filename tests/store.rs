@@ -273,6 +273,40 @@ async fn one_replicas_429_stops_the_other_two_at_once() {
     assert_no_secret(&redis).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pace_and_its_burst_are_shared_too() {
+    let redis = RedisServer::start().await;
+    // One every 3 s, bursts of 3: the fleet gets 3 at once, not 3 each.
+    let fleet = Fleet::start(
+        &redis,
+        [StatusCode::OK; 3],
+        "rate_limit = { per_hour = 1200, burst = 3 }",
+        "local",
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(status_and_reason(fleet.addr(i)).await.0, StatusCode::OK);
+    }
+    let response = get(fleet.addr(1), PATH).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()[REASON_HEADER], "rate-limited");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&retry_after), "{retry_after}");
+    drain_body(response.into_body()).await;
+    assert_eq!(fleet.upstream_requests(), 3);
+    // Then the pace lets one more through, on any replica.
+    tokio::time::sleep(Duration::from_secs(retry_after) + Duration::from_millis(100)).await;
+    assert_eq!(status_and_reason(fleet.addr(2)).await.0, StatusCode::OK);
+    assert_eq!(
+        status_and_reason(fleet.addr(0)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
 /// Polls `check` every 100 ms until it holds, or panics after `within`.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
