@@ -83,18 +83,17 @@ impl Fleet {
         rate_limit: &str,
         on_error: &str,
     ) -> Fleet {
+        Fleet::start_with(&store_lines(redis, on_error), statuses, rate_limit).await
+    }
+
+    async fn start_with(store: &str, statuses: [StatusCode; 3], rate_limit: &str) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let mut replicas = Vec::new();
         let mut upstreams = Vec::new();
         for (i, status) in statuses.into_iter().enumerate() {
             let upstream = bitbucket(status);
             let credential = if i == 2 { "fleet-token" } else { "ci" };
-            let text = config(
-                &upstream,
-                credential,
-                rate_limit,
-                &store_lines(redis, on_error),
-            );
+            let text = config(&upstream, credential, rate_limit, store);
             replicas.push(Replica::start(dir.path(), &format!("replica{i}"), &text).await);
             upstreams.push(upstream);
         }
@@ -464,4 +463,48 @@ async fn a_store_that_never_answers_costs_each_request_at_most_its_timeout() {
             .contains("store.timeout"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_ca_file_and_a_password_shares_the_budget_and_refuses_a_wrong_ca() {
+    let pki = TestPki::new();
+    let redis = RedisServer::start_tls(&pki, "redis-pw-Hy6Lq3").await;
+    let store = |ca: &std::path::Path, password: &str| {
+        format!(
+            "{}\nca_file = \"{}\"\npassword = {{ value = \"{password}\" }}",
+            store_lines(&redis, "local"),
+            ca.display()
+        )
+    };
+    let fleet = Fleet::start_with(
+        &store(pki.ca_path(), "redis-pw-Hy6Lq3"),
+        [StatusCode::OK; 3],
+        "rate_limit = { per_hour = 4 }",
+    )
+    .await;
+    let mut admitted = 0;
+    for i in 0..9 {
+        admitted += usize::from(status_and_reason(fleet.addr(i % 3)).await.0 == StatusCode::OK);
+    }
+    assert_eq!((admitted, fleet.upstream_requests()), (4, 4));
+    assert_eq!(ready(fleet.addr(0)).await.1["store"]["state"], "up");
+
+    // Trusting another CA, or with the wrong password, the store is down (and the budget local).
+    let other = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = bitbucket(StatusCode::OK);
+    for (name, store) in [
+        ("wrong-ca", store(other.ca_path(), "redis-pw-Hy6Lq3")),
+        ("wrong-password", store(pki.ca_path(), "not-the-password")),
+    ] {
+        let replica = Replica::start(dir.path(), name, &config(&upstream, "ci", "", &store)).await;
+        assert_eq!(
+            status_and_reason(replica.addr).await.0,
+            StatusCode::OK,
+            "{name}"
+        );
+        let (_, body) = ready(replica.addr).await;
+        assert_eq!(body["store"]["state"], "down", "{name}: {body}");
+        assert!(!body.to_string().contains("Hy6Lq3"), "{body}");
+    }
 }

@@ -40,30 +40,64 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra arguments (TLS, a password), kept for restarts.
+    extra: Vec<String>,
+    tls: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server`; panics with a hint if the package is missing.
     pub async fn start() -> RedisServer {
+        Self::start_with(tempfile::tempdir().expect("tempdir"), Vec::new(), false).await
+    }
+
+    /// With `requirepass`, and TLS only (no plain port) with the test PKI's leaf for
+    /// 127.0.0.1, not asking clients for certificates.
+    pub async fn start_tls(pki: &super::TestPki, password: &str) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = pki.write_server_pem(dir.path());
+        let mut extra: Vec<String> = vec!["--requirepass".into(), password.into()];
+        for (flag, path) in [
+            ("--tls-cert-file", cert.as_path()),
+            ("--tls-key-file", key.as_path()),
+            ("--tls-ca-cert-file", pki.ca_path()),
+        ] {
+            extra.push(flag.into());
+            extra.push(path.display().to_string());
+        }
+        extra.extend(["--tls-auth-clients".into(), "no".into()]);
+        Self::start_with(dir, extra, true).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, extra: Vec<String>, tls: bool) -> RedisServer {
         assert!(
             Path::new(REDIS_SERVER).exists(),
             "{REDIS_SERVER} is missing: install the redis-server package (.ci/run does)"
         );
         let mut server = RedisServer {
             port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
             child: None,
+            extra,
+            tls,
         };
         server.run().await;
         server
     }
 
     async fn run(&mut self) {
+        let (port_flag, other_port) = if self.tls {
+            ("--tls-port", ["--port", "0"])
+        } else {
+            ("--port", ["--tls-port", "0"])
+        };
         let mut child = Command::new(REDIS_SERVER)
-            .args(["--bind", "127.0.0.1", "--port"])
+            .args(["--bind", "127.0.0.1", port_flag])
             .arg(self.port.to_string())
+            .args(other_port)
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -76,7 +110,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Kills the server at once (SIGKILL: no shutdown save, nothing flushed).
