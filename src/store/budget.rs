@@ -26,8 +26,10 @@ use super::{Store, Unavailable};
 /// recording the admission. KEYS: salt, window (sorted set of admissions by time in ms), pace
 /// (theoretical arrival time in ms), cool-down. ARGV: salt, per_hour (0: no cap), interval in
 /// ms (0: no pacing), tolerance in ms, admission id.
-/// Answers {verdict, milliseconds or count, stored salt}.
+/// Answers {verdict, milliseconds or count, stored salt}. `replicate_commands` lets Redis 3.2 to
+/// 4 write after reading `TIME` (from 5 on it is the default, and the call does nothing).
 const ADMIT: &str = r#"
+redis.replicate_commands()
 local salt = redis.call('GET', KEYS[1])
 if not salt then
   redis.call('SET', KEYS[1], ARGV[1])
@@ -76,6 +78,7 @@ return 1
 /// Starts or lengthens the shared cool-down; never shortens one. KEYS: salt, cool-down. ARGV:
 /// salt, length in ms. The value is the deadline in Unix ms (for operators reading the store).
 const COOL_DOWN: &str = r#"
+redis.replicate_commands()
 local salt = redis.call('GET', KEYS[1])
 if not salt then
   redis.call('SET', KEYS[1], ARGV[1])
