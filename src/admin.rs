@@ -103,8 +103,8 @@ pub async fn serve(
 
 /// Ready when a config is loaded, every file secret is still readable (and neither over 64 KiB
 /// nor writable by group or others), no verified credential is refused by Bitbucket, and the
-/// proxy is not draining. Also lists 429 cool-downs in progress and credentials Bitbucket
-/// reports near their limit.
+/// proxy is not draining. Also lists 429 cool-downs in progress, credentials Bitbucket reports
+/// near their limit, and the shared store's state.
 pub async fn readiness(
     state: &SharedState,
     generation: &Generation,
@@ -154,6 +154,19 @@ pub async fn readiness(
             near_limit.insert(name.to_string(), resources);
         }
     }
+    // A store that is down is reported; it makes the proxy unready only under
+    // `on_error = "refuse"`, where this replica now refuses governed requests and another one
+    // that still reaches the store should take them.
+    let store = generation.store.as_ref().map(|store| store.status());
+    if let Some(store) = &store
+        && store.state == "down"
+        && store.on_error == "refuse"
+    {
+        problems.push(format!(
+            "store: unreachable and store.on_error = \"refuse\" ({})",
+            store.last_error.as_deref().unwrap_or("no answer")
+        ));
+    }
     let ready = problems.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
@@ -163,6 +176,7 @@ pub async fn readiness(
         "credentials": verify,
         "cooldowns": cooldowns,
         "near_limit": near_limit,
+        "store": store,
     });
     let status = if ready {
         StatusCode::OK

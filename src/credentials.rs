@@ -304,6 +304,16 @@ impl Credential {
         }
     }
 
+    /// The secret material that identifies this credential to Bitbucket's rate limiter: the REST
+    /// `Authorization` (which holds the token), or an OAuth consumer's key and secret. Only
+    /// ever fed to a keyed hash ([`crate::store::budget`]); never stored or logged.
+    pub fn budget_identity(&self) -> &[u8] {
+        match &self.auth {
+            Authorization::Static { rest, .. } => rest.as_bytes(),
+            Authorization::OAuth(oauth) => oauth.client_authorization().as_bytes(),
+        }
+    }
+
     /// Whether a 401 from Bitbucket may mean an access token to renew (OAuth only).
     pub fn renews_tokens(&self) -> bool {
         matches!(self.auth, Authorization::OAuth(_))

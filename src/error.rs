@@ -81,6 +81,12 @@ pub enum ProxyError {
         credential: String,
         retry_after_s: u64,
     },
+    /// `store.on_error = "refuse"` and the shared store did not answer within
+    /// `store.timeout`: the request is not sent on an unshared budget.
+    #[error(
+        "the shared store ([store]) did not answer for credential `{credential}`, and store.on_error = \"refuse\" forbids spending its budget without it; retry shortly"
+    )]
+    StoreUnavailable { credential: String },
 }
 
 impl ProxyError {
@@ -101,7 +107,7 @@ impl ProxyError {
             | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::Token(_) => Fault::Upstream,
-            ProxyError::Overloaded => Fault::Proxy,
+            ProxyError::Overloaded | ProxyError::StoreUnavailable { .. } => Fault::Proxy,
         }
     }
 
@@ -121,7 +127,9 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded | ProxyError::StoreUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Token(_) => StatusCode::BAD_GATEWAY,
             ProxyError::RateLimited { .. } | ProxyError::CoolingDown { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -145,6 +153,7 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => "upstream-tls",
             ProxyError::UpstreamTimeout(_) => "upstream-timeout",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::StoreUnavailable { .. } => "store-unavailable",
             ProxyError::Token(_) => "token-endpoint",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::CoolingDown { .. } => "cooling-down",
@@ -167,6 +176,7 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => "TLS handshake with Bitbucket failed",
             ProxyError::UpstreamTimeout(_) => "Bitbucket did not answer in time",
             ProxyError::Overloaded => "Too many requests in flight",
+            ProxyError::StoreUnavailable { .. } => "Shared store unavailable",
             ProxyError::Token(_) => "Could not obtain an OAuth access token",
             ProxyError::RateLimited { .. } | ProxyError::CoolingDown { .. } => {
                 "Rate limit for this resource has been exceeded"
@@ -199,6 +209,9 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after_s, .. }
             | ProxyError::CoolingDown { retry_after_s, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            ProxyError::StoreUnavailable { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ProxyError::MethodRefused(_) => {
                 headers.insert(

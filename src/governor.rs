@@ -150,23 +150,23 @@ impl Governor {
         self.lock().configured = limit;
     }
 
+    /// The rules in force now: the rolling-hour cap, and the pace (NearLimit's if Bitbucket
+    /// reports it, else the cap's). The shared store applies the same rules (see
+    /// [`crate::store::budget`]).
+    pub fn rules(&self, now: Instant) -> Rules {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        rules(&self.lock(), second)
+    }
+
     /// Admits one request now, or says how long until one would be admitted and by which rule.
     pub fn try_acquire(&self, now: Instant) -> Result<Admission, Refusal> {
         let elapsed = now.saturating_duration_since(self.epoch).as_secs_f64();
         let second = elapsed as u64;
         let mut guard = self.lock();
         let state = &mut *guard;
+        state.window.advance(second);
+        let Rules { limit, near } = rules(state, second);
         let window = &mut state.window;
-        window.advance(second);
-        let reported_limit = state.reported.limit(second);
-        let limit = state.configured.map(|configured| {
-            let per_hour = reported_limit.unwrap_or(configured.per_hour).max(1);
-            Pace::Limit {
-                per_hour,
-                burst: configured.burst.clamp(1, per_hour),
-                reported: reported_limit.is_some(),
-            }
-        });
         if let Some(pace @ Pace::Limit { per_hour, .. }) = limit
             && window.total >= u64::from(per_hour)
         {
@@ -176,24 +176,10 @@ impl Governor {
                 pace,
             });
         }
-        let near = state.reported.near_limit(second).map(|near_limit| {
-            let per_hour = match limit {
-                Some(Pace::Limit { per_hour, .. }) => per_hour,
-                _ => near_limit.or(reported_limit).unwrap_or(DEFAULT_PER_HOUR),
-            };
-            Pace::NearLimit {
-                per_hour: per_hour.max(1),
-            }
-        });
         let mut interval = 0.0;
         if let Some(pace) = near.or(limit) {
-            let (per_hour, burst) = match pace {
-                Pace::Limit {
-                    per_hour, burst, ..
-                } => (per_hour, burst),
-                Pace::NearLimit { per_hour } => (per_hour, 1),
-            };
-            interval = WINDOW_SECONDS as f64 / f64::from(per_hour);
+            let burst;
+            (interval, burst) = pace.interval_and_burst();
             window.rescale(interval);
             let tolerance = f64::from(burst - 1) * interval;
             let arrival = window.theoretical_arrival.max(elapsed);
@@ -259,6 +245,63 @@ impl Governor {
         let second = now.saturating_duration_since(self.epoch).as_secs();
         self.lock().reported.near_limit_resources(second)
     }
+}
+
+/// The rules a credential is governed by at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rules {
+    /// `rate_limit` (with Bitbucket's reported limit in place of `per_hour`), if configured.
+    pub limit: Option<Pace>,
+    /// NearLimit pacing while Bitbucket reports it.
+    pub near: Option<Pace>,
+}
+
+impl Rules {
+    /// The rule that sets the pace: NearLimit's, else the cap's.
+    pub fn pacing(&self) -> Option<Pace> {
+        self.near.or(self.limit)
+    }
+
+    pub fn per_hour_cap(&self) -> Option<u32> {
+        match self.limit {
+            Some(Pace::Limit { per_hour, .. }) => Some(per_hour),
+            _ => None,
+        }
+    }
+}
+
+impl Pace {
+    /// Seconds between requests at this pace, and the bursts allowed.
+    pub fn interval_and_burst(self) -> (f64, u32) {
+        match self {
+            Pace::Limit {
+                per_hour, burst, ..
+            } => (WINDOW_SECONDS as f64 / f64::from(per_hour), burst),
+            Pace::NearLimit { per_hour } => (WINDOW_SECONDS as f64 / f64::from(per_hour), 1),
+        }
+    }
+}
+
+fn rules(state: &State, second: u64) -> Rules {
+    let reported_limit = state.reported.limit(second);
+    let limit = state.configured.map(|configured| {
+        let per_hour = reported_limit.unwrap_or(configured.per_hour).max(1);
+        Pace::Limit {
+            per_hour,
+            burst: configured.burst.clamp(1, per_hour),
+            reported: reported_limit.is_some(),
+        }
+    });
+    let near = state.reported.near_limit(second).map(|near_limit| {
+        let per_hour = match limit {
+            Some(Pace::Limit { per_hour, .. }) => per_hour,
+            _ => near_limit.or(reported_limit).unwrap_or(DEFAULT_PER_HOUR),
+        };
+        Pace::NearLimit {
+            per_hour: per_hour.max(1),
+        }
+    });
+    Rules { limit, near }
 }
 
 impl Window {

@@ -38,6 +38,7 @@ pub mod routing;
 pub mod secrets;
 pub mod stall;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 pub mod verify;

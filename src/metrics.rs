@@ -95,6 +95,8 @@ pub struct Metrics {
     /// Issue 15's per-credential budget metrics.
     pub budget: crate::budget::metrics::BudgetMetrics,
     pub cache: crate::cache::stats::CacheMetrics,
+    /// The shared store's metrics (issue 16); registered always, set only with `[store]`.
+    pub store: crate::store::metrics::StoreMetrics,
     /// The empty route and credential label of requests no route took (admin paths, 404s),
     /// allocated once rather than per request.
     no_route: Arc<str>,
@@ -129,9 +131,11 @@ impl Metrics {
             ratelimit_local_refused: Family::default(),
             budget: crate::budget::metrics::BudgetMetrics::default(),
             cache: Default::default(),
+            store: crate::store::metrics::StoreMetrics::default(),
             registry: Registry::with_prefix("bitbucket_auth_proxy"),
         };
         metrics.budget = crate::budget::metrics::BudgetMetrics::register(&mut metrics.registry);
+        metrics.store = crate::store::metrics::StoreMetrics::register(&mut metrics.registry);
         metrics.registry.register(
             "requests",
             "Requests by route, credential, method and status class",

@@ -115,6 +115,12 @@ impl OAuthClient {
         }
     }
 
+    /// `Basic base64(client_id:client_secret)`: what identifies the consumer, for the shared
+    /// store's keyed fingerprint (never sent anywhere but the token endpoint).
+    pub fn client_authorization(&self) -> &HeaderValue {
+        &self.client_authorization
+    }
+
     pub fn token_url(&self) -> &Uri {
         &self.token_url
     }

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 
 use crate::admin::{self, ListenerRole};
 use crate::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
-use crate::budget::BudgetPermit;
+use crate::budget::{BudgetPermit, Shared};
 use crate::cache::{self, Plan};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -244,7 +244,9 @@ pub async fn fetch_upstream(
     let head_after = started.elapsed();
     record_upstream(metrics, route, head_after);
     if let Some(attempt) = attempt {
-        attempt.answered(response.status(), response.headers());
+        attempt
+            .answered(response.status(), response.headers())
+            .await;
     }
     let exchange = UpstreamExchange::of(&response, head_after);
     let mut response = response;
@@ -374,7 +376,11 @@ pub async fn govern(
         .map_or(std::time::Duration::ZERO, |limit| limit.max_wait);
     // Waiting for a probe is bounded by how long the probe itself may take to be answered.
     let probe_wait = generation.config.upstream.timeout;
-    budget.acquire(max_wait, probe_wait).await.map(Some)
+    let shared = generation.store.as_ref().map(|store| Shared {
+        store: store.clone(),
+        credential: credential.clone(),
+    });
+    budget.acquire(max_wait, probe_wait, shared).await.map(Some)
 }
 
 /// Phase 4: the upstream request. The URI is rebuilt from the upstream origin and the mapped

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::credentials::UpstreamKind;
 use crate::metrics::Metrics;
 use crate::rewrite::RewritePatterns;
+use crate::store::Store;
 use crate::upstream::{UpstreamClient, build_client};
 use crate::verify::VerifyStatus;
 use crate::warm::WarmConnector;
@@ -38,6 +39,9 @@ pub struct Generation {
     /// The response cache and the upstream requests in flight; a reload starts an empty one,
     /// so no answer outlives the routes and credentials it was fetched with.
     pub cache: Arc<Cache>,
+    /// `[store]`, if configured: where budgets and cool-downs are shared with other replicas.
+    /// Kept across reloads while its settings stay the same.
+    pub store: Option<Arc<Store>>,
 }
 
 impl Generation {
@@ -63,6 +67,21 @@ impl Generation {
             }
         };
         let patterns = Arc::new(RewritePatterns::new(&config));
+        let store = match (previous, &config.store) {
+            (_, None) => None,
+            (Some(prev), Some(settings)) if prev.config.store.as_ref() == Some(settings) => {
+                prev.store.clone()
+            }
+            (_, Some(settings)) => match Store::new(settings, metrics) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(why) => {
+                    // Validation accepted the settings; the client refusing them leaves the
+                    // budgets in-process rather than the proxy down.
+                    tracing::error!(error = %why, "cannot build the store client; budgets stay per process");
+                    None
+                }
+            },
+        };
         let mut all = budgets.lock().unwrap_or_else(|p| p.into_inner());
         let budgets = config
             .credentials
@@ -93,6 +112,7 @@ impl Generation {
             warm_origins,
             patterns,
             budgets,
+            store,
         }
     }
 }

@@ -549,6 +549,7 @@ fn example_config_shows_every_documented_key() {
         ("### `[admin]`", 2),
         ("### `[upstream]`", 4),
         ("### `[[routes]]`", 4),
+        ("### `[store]`", 4),
     ] {
         let keys = documented_keys(&readme, heading);
         assert!(keys.len() >= at_least, "{heading}: {keys:?}");

@@ -192,6 +192,20 @@ impl Cooldown {
         }
     }
 
+    /// The shared store reports a cool-down (another replica's 429): hold requests here until
+    /// `until` as well. Never shortens a local one; a probe in flight here yields to it.
+    pub fn adopt(&self, until: Instant) {
+        let mut state = self.lock();
+        match state.phase {
+            Phase::Cooling { until: current } if current >= until => return,
+            Phase::Open => state.started = Some((SystemTime::now(), false)),
+            _ => {}
+        }
+        state.phase = Phase::Cooling { until };
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
     /// The probe never got an answer (the client left, the upstream failed, the request was
     /// served without going upstream): the next request probes instead.
     pub fn release_probe(&self, now: Instant) {

@@ -11,7 +11,12 @@
 //!   429 feed the governor and the cool-down.
 //!
 //! Budgets are per credential name and outlive config generations (see [`crate::state`]).
-//! Uses the governor, the metrics registry and the error type; nothing here knows routes.
+//! With `[store]`, the governor's rules and the cool-down are applied in the shared store
+//! ([`crate::store::budget`]) so that every replica holding the secret spends one budget; the
+//! in-process governor then only works out the rules, and takes over while the store is down
+//! (`store.on_error = "local"`).
+//! Uses the governor, the store, the metrics registry and the error type; nothing here knows
+//! routes.
 
 pub mod cooldown;
 pub mod metrics;
@@ -23,12 +28,36 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode, header};
 use tokio::time::Instant;
 
-use crate::credentials::RateLimit;
+use crate::config::OnStoreError;
+use crate::credentials::{Credential, RateLimit};
 use crate::error::ProxyError;
-use crate::governor::{Admission, Governor};
+use crate::governor::{Admission, DEFAULT_PER_HOUR, Governor, Pace, Refusal, Rules};
+use crate::store::Store;
+use crate::store::budget::{Policy, SharedAdmission, Verdict};
 use cooldown::{Cooldown, CooldownStatus, Gate, ceil_seconds};
 use metrics::CredentialMetrics;
 use reported::Report;
+
+/// The store a request's budget is shared through, and the credential whose secret names it.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub credential: Arc<Credential>,
+}
+
+/// An admission, until the request is sent or given back.
+enum Spent {
+    Local(Admission),
+    Shared(SharedAdmission),
+}
+
+/// What one attempt to admit a request came to.
+enum Attempt {
+    Admitted(Spent, u64, Option<u32>),
+    Refused(Refusal),
+    /// The shared store holds a cool-down another replica (or this one) started.
+    CoolingDown(Duration),
+}
 
 pub struct CredentialBudget {
     name: Arc<str>,
@@ -67,6 +96,7 @@ impl CredentialBudget {
         self: &Arc<Self>,
         max_wait: Duration,
         probe_wait: Duration,
+        shared: Option<Shared>,
     ) -> Result<BudgetPermit, ProxyError> {
         let (gate, waited) = self.cooldown.enter(probe_wait).await;
         if waited {
@@ -80,20 +110,25 @@ impl CredentialBudget {
                 Gate::Probe => true,
                 Gate::Refuse(wait) => return Err(self.cooling_down(wait)),
             },
+            shared,
         };
         let deadline = Instant::now() + max_wait;
         let mut delayed = false;
-        let admission = loop {
+        let (admission, sent, limit) = loop {
             let now = Instant::now();
-            match self.governor.try_acquire(now) {
-                Ok(admission) => break admission,
+            match self.attempt(permit.shared.as_ref(), now).await? {
+                Attempt::Admitted(admission, sent, limit) => break (admission, sent, limit),
+                Attempt::CoolingDown(wait) => {
+                    self.cooldown.adopt(now + wait);
+                    return Err(self.cooling_down(wait));
+                }
                 // Waiters are not queued: each retries when its slot should be free, and one
                 // that finds it taken waits again while its deadline allows.
-                Err(refusal) if now + refusal.wait <= deadline => {
+                Attempt::Refused(refusal) if now + refusal.wait <= deadline => {
                     delayed = true;
                     tokio::time::sleep(refusal.wait).await;
                 }
-                Err(refusal) => {
+                Attempt::Refused(refusal) => {
                     self.metrics.refused.inc();
                     return Err(ProxyError::RateLimited {
                         credential: self.name.to_string(),
@@ -103,7 +138,7 @@ impl CredentialBudget {
                 }
             }
         };
-        self.metrics.admitted(admission.sent, admission.limit);
+        self.metrics.admitted(sent, limit);
         permit.admission = Some(admission);
         if delayed {
             self.metrics.delayed.inc();
@@ -115,6 +150,59 @@ impl CredentialBudget {
             }
         }
         Ok(permit)
+    }
+
+    /// One admission attempt: in the shared store when there is one and it answers, else in
+    /// this process (or a refusal, under `store.on_error = "refuse"`).
+    async fn attempt(&self, shared: Option<&Shared>, now: Instant) -> Result<Attempt, ProxyError> {
+        if let Some(shared) = shared {
+            let rules = self.governor.rules(now);
+            let policy = policy(&rules);
+            let pace = || {
+                rules.pacing().unwrap_or(Pace::NearLimit {
+                    per_hour: DEFAULT_PER_HOUR,
+                })
+            };
+            match shared
+                .store
+                .admit(shared.credential.budget_identity(), policy)
+                .await
+            {
+                Ok(Verdict::Admitted(admission)) => {
+                    let sent = admission.sent;
+                    return Ok(Attempt::Admitted(
+                        Spent::Shared(admission),
+                        sent,
+                        policy.per_hour,
+                    ));
+                }
+                Ok(Verdict::Limited(wait)) => {
+                    return Ok(Attempt::Refused(Refusal {
+                        wait,
+                        pace: rules.limit.unwrap_or_else(pace),
+                    }));
+                }
+                Ok(Verdict::Paced(wait)) => {
+                    return Ok(Attempt::Refused(Refusal { wait, pace: pace() }));
+                }
+                Ok(Verdict::CoolingDown(wait)) => return Ok(Attempt::CoolingDown(wait)),
+                Err(_unavailable) => {
+                    shared.store.count_fallback();
+                    if shared.store.on_error() == OnStoreError::Refuse {
+                        return Err(ProxyError::StoreUnavailable {
+                            credential: self.name.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(match self.governor.try_acquire(now) {
+            Ok(admission) => {
+                let (sent, limit) = (admission.sent, admission.limit);
+                Attempt::Admitted(Spent::Local(admission), sent, limit)
+            }
+            Err(refusal) => Attempt::Refused(refusal),
+        })
     }
 
     fn cooling_down(&self, wait: Duration) -> ProxyError {
@@ -141,8 +229,26 @@ impl CredentialBudget {
 #[must_use = "dropping the permit refunds the budget; spend() it when forwarding"]
 pub struct BudgetPermit {
     budget: Arc<CredentialBudget>,
-    admission: Option<Admission>,
+    admission: Option<Spent>,
     probe: bool,
+    shared: Option<Shared>,
+}
+
+/// The store's form of the governor's rules.
+fn policy(rules: &Rules) -> Policy {
+    let (interval_ms, tolerance_ms) = rules.pacing().map_or((0.0, 0.0), |pace| {
+        let (interval, burst) = pace.interval_and_burst();
+        let interval_ms = interval * 1000.0;
+        (
+            interval_ms,
+            f64::from(burst.saturating_sub(1)) * interval_ms,
+        )
+    });
+    Policy {
+        per_hour: rules.per_hour_cap(),
+        interval_ms,
+        tolerance_ms,
+    }
 }
 
 impl BudgetPermit {
@@ -158,14 +264,27 @@ impl BudgetPermit {
         UpstreamAttempt {
             budget: self.budget.clone(),
             probe: std::mem::take(&mut self.probe),
+            shared: self.shared.take(),
         }
     }
 }
 
 impl Drop for BudgetPermit {
     fn drop(&mut self) {
-        if let Some(admission) = self.admission.take() {
-            self.budget.governor.refund(admission);
+        match self.admission.take() {
+            Some(Spent::Local(admission)) => self.budget.governor.refund(admission),
+            Some(Spent::Shared(admission)) => {
+                // Drop cannot wait for the store: the refund goes out on its own, bounded by
+                // store.timeout like every call. If it fails, the slot comes back within the
+                // hour like any other.
+                if let (Some(shared), Ok(runtime)) =
+                    (&self.shared, tokio::runtime::Handle::try_current())
+                {
+                    let store = shared.store.clone();
+                    runtime.spawn(async move { store.refund(admission).await });
+                }
+            }
+            None => {}
         }
         if self.probe {
             self.budget.cooldown.release_probe(Instant::now());
@@ -179,12 +298,15 @@ impl Drop for BudgetPermit {
 pub struct UpstreamAttempt {
     budget: Arc<CredentialBudget>,
     probe: bool,
+    shared: Option<Shared>,
 }
 
 impl UpstreamAttempt {
     /// Bitbucket answered: keep its `X-RateLimit-*` figures, start a cool-down on 429, end one
-    /// if this was the probe and the answer is anything else.
-    pub fn answered(mut self, status: StatusCode, headers: &HeaderMap) {
+    /// if this was the probe and the answer is anything else. A cool-down is written to the
+    /// shared store before the 429 goes back to the client (at most `store.timeout`), so the
+    /// other replicas hold their requests from then on.
+    pub async fn answered(mut self, status: StatusCode, headers: &HeaderMap) {
         let budget = &self.budget;
         let now = Instant::now();
         let probe = std::mem::take(&mut self.probe);
@@ -206,6 +328,13 @@ impl UpstreamAttempt {
                     from_retry_after = retry_after.is_some(),
                     "Bitbucket answered 429: holding this credential's requests until the cool-down ends"
                 );
+                if let Some(shared) = self.shared.take() {
+                    // Unavailable: the other replicas learn of it from their own 429s.
+                    let _ = shared
+                        .store
+                        .cool_down(shared.credential.budget_identity(), length)
+                        .await;
+                }
             }
         } else {
             if probe {
@@ -254,12 +383,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unspent_permit_gives_its_slot_back() {
         let budget = budget(1, 1, Duration::ZERO);
-        let permit = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        let permit = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
         drop(permit);
-        let spent = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
-        spent.spend().answered(StatusCode::OK, &HeaderMap::new());
+        let spent = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
+        spent
+            .spend()
+            .answered(StatusCode::OK, &HeaderMap::new())
+            .await;
         assert!(matches!(
-            budget.acquire(Duration::ZERO, PROBE_WAIT).await,
+            budget.acquire(Duration::ZERO, PROBE_WAIT, None).await,
             Err(ProxyError::RateLimited { .. })
         ));
     }
@@ -267,16 +405,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_goes_nowhere_hands_its_role_to_a_waiter() {
         let budget = budget(3600, 100, Duration::ZERO);
-        let first = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        let first = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
         first
             .spend()
-            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("1"));
+            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("1"))
+            .await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        let probe = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        let probe = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
         assert!(probe.is_probe());
         let waiter = {
             let budget = budget.clone();
-            tokio::spawn(async move { budget.acquire(Duration::ZERO, PROBE_WAIT).await })
+            tokio::spawn(async move { budget.acquire(Duration::ZERO, PROBE_WAIT, None).await })
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "waits for the probe's answer");
@@ -286,10 +431,19 @@ mod tests {
         assert!(next.is_probe());
         // Sent, but no answer came (upstream failure): the role moves on again.
         drop(next.spend());
-        let again = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        let again = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
         assert!(again.is_probe());
-        again.spend().answered(StatusCode::OK, &HeaderMap::new());
-        let open = budget.acquire(Duration::ZERO, PROBE_WAIT).await.unwrap();
+        again
+            .spend()
+            .answered(StatusCode::OK, &HeaderMap::new())
+            .await;
+        let open = budget
+            .acquire(Duration::ZERO, PROBE_WAIT, None)
+            .await
+            .unwrap();
         assert!(!open.is_probe());
         assert!(budget.cooldown().is_none());
     }
@@ -298,16 +452,22 @@ mod tests {
     async fn a_request_delayed_into_a_cool_down_is_not_sent() {
         let budget = budget(3600, 1, Duration::from_secs(2));
         let first = budget
-            .acquire(Duration::from_secs(2), PROBE_WAIT)
+            .acquire(Duration::from_secs(2), PROBE_WAIT, None)
             .await
             .unwrap()
             .spend();
         let delayed = {
             let budget = budget.clone();
-            tokio::spawn(async move { budget.acquire(Duration::from_secs(2), PROBE_WAIT).await })
+            tokio::spawn(async move {
+                budget
+                    .acquire(Duration::from_secs(2), PROBE_WAIT, None)
+                    .await
+            })
         };
         tokio::task::yield_now().await;
-        first.answered(StatusCode::TOO_MANY_REQUESTS, &too_many("30"));
+        first
+            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("30"))
+            .await;
         match delayed.await.unwrap() {
             Err(ProxyError::CoolingDown { retry_after_s, .. }) => assert_eq!(retry_after_s, 29),
             other => panic!("expected a cool-down refusal, got {:?}", other.map(|_| ())),
@@ -321,12 +481,12 @@ mod tests {
         let budget = budget(3600, 1, Duration::from_secs(5));
         drop(
             budget
-                .acquire(Duration::ZERO, PROBE_WAIT)
+                .acquire(Duration::ZERO, PROBE_WAIT, None)
                 .await
                 .unwrap()
                 .spend(),
         );
-        let waiting = budget.acquire(Duration::from_secs(5), PROBE_WAIT);
+        let waiting = budget.acquire(Duration::from_secs(5), PROBE_WAIT, None);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), waiting)
                 .await

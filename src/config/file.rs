@@ -35,6 +35,8 @@ pub struct ConfigFile {
     /// The response cache's bounds.
     #[serde(default)]
     pub cache: CacheSection,
+    /// Redis shared by replicas for budgets and cool-downs. Default: none (in-process).
+    pub store: Option<StoreSection>,
 }
 
 /// `[cache]`: the response cache's memory bound and the per-response size cap.
@@ -364,4 +366,24 @@ impl JsonSchema for DurationText {
             "examples": ["60s"]
         })
     }
+}
+
+/// `[store]`: the Redis server replicas share budgets and cool-downs through.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// "redis://host[:port][/db]" or "rediss://..." (TLS).
+    pub url: String,
+    /// PEM file of CA certificates for rediss://, added to the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// The Redis ACL user name (with `password`).
+    pub username: Option<String>,
+    /// The Redis password (a secret).
+    pub password: Option<SecretSpec>,
+    /// Prefix of every key the proxy writes. Default: "bbap:".
+    pub prefix: Option<String>,
+    /// Longest wait for one store call. Default: "50ms".
+    pub timeout: Option<DurationText>,
+    /// "local" (fall back to in-process budgets) or "refuse" (503). Default: "local".
+    pub on_error: Option<String>,
 }

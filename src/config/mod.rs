@@ -8,6 +8,7 @@ mod checks;
 mod file;
 mod parse;
 pub mod schema;
+mod store;
 mod validate;
 
 use std::fmt;
@@ -25,6 +26,7 @@ use crate::credentials::{Credential, UpstreamKind};
 use crate::routing::RouteTable;
 
 pub use file::ConfigFile;
+pub use store::{OnStoreError, StoreSettings};
 pub use validate::{Mode, is_loopback_host};
 
 /// Environment variable that may hold the config path instead of `--config`.
@@ -42,6 +44,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// `[cache]`: memory bound and per-response cap of the response cache and coalescing.
     pub cache: crate::cache::policy::CacheLimits,
+    /// `[store]`: where replicas share budgets and cool-downs; `None` keeps them in-process.
+    pub store: Option<StoreSettings>,
     /// Where each secret was read from, by config key (for readiness and reload watching).
     pub secret_sources: Vec<(String, crate::secrets::SecretSource)>,
     /// Things that work but deserve attention (inline secrets, app passwords).
@@ -236,6 +240,7 @@ impl Config {
                 }),
         );
         files.extend(self.upstream.ca_file.clone());
+        files.extend(self.store.as_ref().and_then(|store| store.ca_file.clone()));
         files
     }
 

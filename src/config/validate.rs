@@ -38,6 +38,10 @@ pub(super) struct Issues {
 }
 
 impl Issues {
+    pub(super) fn count(&self) -> usize {
+        self.issues.len()
+    }
+
     pub(super) fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.issues.push(ConfigIssue {
             key: key.into(),
@@ -82,6 +86,10 @@ pub(super) fn validate(path: &Path, file: ConfigFile, mode: Mode) -> Result<Conf
     issues
         .warnings
         .extend(super::checks::unreachable_listener_warnings(&server));
+    let store = file
+        .store
+        .as_ref()
+        .and_then(|section| super::store::store_settings(&mut issues, section, base_dir));
 
     if issues.issues.is_empty() {
         Ok(Config {
@@ -92,6 +100,7 @@ pub(super) fn validate(path: &Path, file: ConfigFile, mode: Mode) -> Result<Conf
             credentials: credentials.into_values().flatten().collect(),
             routes,
             cache,
+            store,
             secret_sources: issues.secret_sources,
             // The same `FILE: ` prefix errors carry: with several configs (CI linting deploy/),
             // a warning must say which file it is about.
@@ -695,7 +704,7 @@ const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 /// Requests a credential with `rate_limit` may send back to back when `burst` is not given.
 const DEFAULT_BURST: u32 = 10;
 
-fn load_secret(
+pub(super) fn load_secret(
     issues: &mut Issues,
     key: &str,
     spec: &SecretSpec,

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -192,6 +193,27 @@ impl TestPki {
             &new_leaf(&other, &["127.0.0.1", "localhost"], false),
             ALPN_H2_H1,
         )
+    }
+
+    /// Writes the 127.0.0.1/localhost leaf and its key as PEM files into `dir`, for servers
+    /// that read files (redis-server's TLS port); returns (certificate, key) paths.
+    pub fn write_server_pem(&self, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        fn pem(label: &str, der: &[u8]) -> String {
+            use base64::Engine as _;
+            let text = base64::engine::general_purpose::STANDARD.encode(der);
+            let mut out = format!("-----BEGIN {label}-----\n");
+            for line in text.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+                out.push('\n');
+            }
+            out.push_str(&format!("-----END {label}-----\n"));
+            out
+        }
+        let cert = dir.join("server.pem");
+        let key = dir.join("server.key");
+        std::fs::write(&cert, pem("CERTIFICATE", &self.server_leaf.cert)).expect("write cert");
+        std::fs::write(&key, pem("PRIVATE KEY", &self.server_leaf.key_pkcs8)).expect("write key");
+        (cert, key)
     }
 
     /// rustls client config (ring provider) trusting only this CA, no ALPN.
