@@ -542,7 +542,17 @@ async fn stale_if_error_answers_with_the_last_entry_when_bitbucket_refuses() {
     );
     assert!(header(&stale, "age").parse::<u64>().unwrap() >= 1);
     assert_eq!(text(stale).await, "fresh list");
-    // Without stale_if_error the route passes Bitbucket's 429 on.
+    // That 429 started the credential's cool-down: the next request is not sent, and the
+    // route's stale entry answers it.
+    let during = get_with(proxy.addr, path, &[]).await;
+    assert_eq!(during.status(), StatusCode::OK);
+    assert_eq!(
+        header(&during, "cache-status"),
+        "bitbucket-auth-proxy; fwd=stale"
+    );
+    assert_eq!(text(during).await, "fresh list");
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Without stale_if_error the route passes the 429 on.
     let refused = get_with(proxy.addr, "/plain/widgets/pullrequests", &[]).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
 }
@@ -599,10 +609,13 @@ async fn a_cache_full_of_large_bodies_stays_within_max_bytes() {
     assert_eq!(upstream.count(), count + 1);
 }
 
-#[tokio::test]
-async fn the_rate_limit_refusal_is_answered_from_the_cache_fresh_or_stale() {
-    let pki = TestPki::new();
-    let upstream = Upstream::start(&pki, false, |_| Response::new(full_body("list")));
+/// A proxy whose `acme-all` credential may send `per_hour` requests (all at once), with a
+/// microcached route that may serve stale answers and one that may not.
+async fn start_budgeted(
+    upstream: &Upstream,
+    pki: &TestPki,
+    per_hour: u32,
+) -> bitbucket_auth_proxy::RunningProxy {
     let text_config = format!(
         r#"
 [server]
@@ -616,7 +629,7 @@ ca_file = "{ca}"
 kind = "workspace_access_token"
 workspace = "acme"
 token = {{ value = "t" }}
-rate_limit = {{ per_hour = 1, burst = 1 }}
+rate_limit = {{ per_hour = {per_hour}, burst = {per_hour} }}
 
 [[routes]]
 prefix = "/2.0/repositories/acme"
@@ -635,7 +648,14 @@ cache = {{ max_age = "1s" }}
     let config =
         bitbucket_auth_proxy::Config::from_toml(std::path::Path::new("c.toml"), &text_config)
             .expect("valid config");
-    let proxy = bitbucket_auth_proxy::start(config).await.expect("starts");
+    bitbucket_auth_proxy::start(config).await.expect("starts")
+}
+
+#[tokio::test]
+async fn the_rate_limit_refusal_is_answered_from_the_cache_fresh_or_stale() {
+    let pki = TestPki::new();
+    let upstream = Upstream::start(&pki, false, |_| Response::new(full_body("list")));
+    let proxy = start_budgeted(&upstream, &pki, 1).await;
     let addr = proxy.local_addrs()[0];
     let path = "/2.0/repositories/acme/widgets/pullrequests";
     assert_eq!(text(get_with(addr, path, &[]).await).await, "list");
@@ -656,6 +676,29 @@ cache = {{ max_age = "1s" }}
     let refused = get_with(addr, "/strict/widgets/pullrequests", &[]).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(upstream.count(), 1);
+}
+
+/// A request answered from the cache never reached Bitbucket: the budget `govern` took for it
+/// is given back, so it does not crowd out a request that must go upstream.
+#[tokio::test]
+async fn a_cache_hit_gives_back_the_budget_it_was_counted_against() {
+    let pki = TestPki::new();
+    let upstream = Upstream::start(&pki, false, |_| Response::new(full_body("list")));
+    let proxy = start_budgeted(&upstream, &pki, 2).await;
+    let addr = proxy.local_addrs()[0];
+    let first = "/2.0/repositories/acme/widgets/pullrequests";
+    assert_eq!(text(get_with(addr, first, &[]).await).await, "list");
+    for _ in 0..3 {
+        let hit = get_with(addr, first, &[]).await;
+        assert!(header(&hit, "cache-status").contains("; hit"));
+        text(hit).await;
+    }
+    let second = get_with(addr, "/2.0/repositories/acme/gadgets/pullrequests", &[]).await;
+    assert_eq!(second.status(), StatusCode::OK, "the hits spent the budget");
+    text(second).await;
+    let third = get_with(addr, "/2.0/repositories/acme/sprockets/pullrequests", &[]).await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(upstream.count(), 2);
 }
 
 #[test]

@@ -116,7 +116,11 @@ impl Fleet {
 const PATH: &str = "/2.0/repositories/acme/widgets/pullrequests";
 
 async fn status_and_reason(addr: SocketAddr) -> (StatusCode, Option<String>) {
-    let response = get(addr, PATH).await;
+    // Each call a request of its own: identical requests in flight at once would be coalesced
+    // into one upstream request, and this counts what the budget admits.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let response = get(addr, &format!("{PATH}?request={n}")).await;
     let reason = response
         .headers()
         .get(REASON_HEADER)

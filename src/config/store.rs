@@ -287,7 +287,7 @@ mod tests {
             load("")
                 .unwrap_err()
                 .to_string()
-                .contains("missing field `url`")
+                .contains("store.url: `url` is required here")
         );
         let config = load(
             "url = \"redis://r\"\nusername = \"bbap\"\npassword = { value = \"pw-Zq8\" }\nprefix = \"ci:\"\ntimeout = \"20ms\"\non_error = \"refuse\"",
