@@ -637,6 +637,22 @@ fn readme_first_screen_runs_the_example_config_and_the_tests() {
         stdout.contains("offline: no secret or CA file read"),
         "{stdout}"
     );
+    // The tour shows `check`'s output for this config (with the token set): every line of it,
+    // the route table and the `git config` line, as the binary prints them today.
+    let (out, stdout, stderr) = output(
+        bin()
+            .args(["check", "--config", config])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BITBUCKET_TOKEN", "readme-token"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.lines().count() >= 6, "{stdout}");
+    for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
+        assert!(
+            readme.lines().any(|shown| shown == line),
+            "README's tour lacks this line of `check`'s output:\n{line}"
+        );
+    }
     // The variable the first command sets is the one the config reads.
     assert!(run.contains("BITBUCKET_TOKEN="), "{run}");
     let example = std::fs::read_to_string(format!("{SHIPPED}/example.toml")).unwrap();

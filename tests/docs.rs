@@ -176,3 +176,26 @@ fn the_link_checker_finds_broken_links_and_spells_anchors_as_github_does() {
         "{broken:#?}"
     );
 }
+
+/// The README is where a newcomer starts: it links every page under docs/.
+#[test]
+fn the_readme_links_every_docs_page() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let linked: BTreeSet<&str> = prose_lines(&readme)
+        .iter()
+        .flat_map(|(_, line)| link_targets(line))
+        .map(|target| target.split('#').next().unwrap())
+        .collect();
+    let pages: Vec<PathBuf> = pages()
+        .into_iter()
+        .filter(|page| page.parent() == Some(&Path::new(ROOT).join("docs")))
+        .collect();
+    assert!(pages.len() >= 9, "{pages:?}");
+    for page in pages {
+        let name = format!("docs/{}", page.file_name().unwrap().to_str().unwrap());
+        assert!(
+            linked.contains(name.as_str()),
+            "README.md does not link {name}"
+        );
+    }
+}
