@@ -193,9 +193,10 @@ fn keep_warm_is_on_by_default_and_must_be_a_boolean() {
     assert!(!parse(&off).unwrap().upstream.keep_warm);
     let wrong = on.replace("[upstream]\n", "[upstream]\nkeep_warm = \"yes\"\n");
     let error = parse(&wrong).unwrap_err().to_string();
-    // Type errors come from the TOML parser for every key alike: file, line, what was expected.
+    // Type errors name the file, the key, what was expected and the line, for every key alike.
     assert!(
-        error.contains("test.toml: line 6") && error.contains("expected a boolean"),
+        error.contains("test.toml: upstream.keep_warm: expected a boolean")
+            && error.contains("(line 6)"),
         "{error}"
     );
 }
