@@ -291,7 +291,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// The README's routes plus a workspace-wide and a narrow git route.
+    /// The routes of docs/configuration.md's routing example plus a workspace-wide and a narrow
+    /// git route.
     pub(crate) fn alias_table() -> RouteTable {
         let git = UpstreamKind::Git;
         let get = Some(&[Method::GET][..]);

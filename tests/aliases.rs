@@ -1,5 +1,6 @@
-//! Aliases of one resource pick one route (issue 13, section 1), end to end: with the README's
-//! routes (a workspace route with a workspace token and a GET-only repository route inside it)
+//! Aliases of one resource pick one route (issue 13, section 1), end to end: with the routes of
+//! docs/configuration.md's routing example (a workspace route with a workspace token and a
+//! GET-only repository route inside it)
 //! plus a workspace-wide git route around a GET-only git route written for `widgets.git`, no
 //! other spelling of the narrow routes' repository reaches Bitbucket with the workspace token.
 

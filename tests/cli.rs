@@ -517,54 +517,147 @@ fn shipped_configs_pass_check() {
     }
 }
 
-/// The keys of one README table: the first cell of each row, between backticks.
-fn documented_keys(readme: &str, heading: &str) -> Vec<String> {
-    let section = readme
-        .split_once(heading)
-        .unwrap_or_else(|| panic!("README has no {heading}"))
-        .1;
-    let end = section.find("\n#").unwrap_or(section.len());
-    section[..end]
-        .lines()
-        .filter_map(|line| line.strip_prefix("| `")?.split_once('`'))
-        .map(|(key, _)| key.to_owned())
-        .collect()
+/// docs/configuration.md, the configuration reference.
+fn configuration_reference() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap()
 }
 
-/// `config/example.toml` is where the README sends readers for "every key".
+/// One section of a page: from its heading to the next heading of any level.
+fn section<'a>(page: &'a str, heading: &str) -> &'a str {
+    let section = page
+        .split_once(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("docs/configuration.md has no {heading}"))
+        .1;
+    &section[..section.find("\n#").unwrap_or(section.len())]
+}
+
+/// The first cell (between backticks) of each row of a section's tables whose header row
+/// starts with `first_column`.
+fn first_cells(section: &str, first_column: &str) -> Vec<String> {
+    let mut cells = Vec::new();
+    let mut in_table = false;
+    for line in section.lines() {
+        if !line.starts_with('|') {
+            in_table = false;
+        } else if line.starts_with(&format!("| {first_column} |")) {
+            in_table = true;
+        } else if in_table
+            && let Some((cell, _)) = line
+                .strip_prefix("| `")
+                .and_then(|rest| rest.split_once('`'))
+        {
+            cells.push(cell.to_owned());
+        }
+    }
+    cells
+}
+
+/// `config/example.toml` is where the configuration reference sends readers for "every key":
+/// each key in a `| key |` table of docs/configuration.md, and each credential `kind`, must be
+/// shown there (set or commented out).
 #[test]
 fn example_config_shows_every_documented_key() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let reference = configuration_reference();
     let example = std::fs::read_to_string(format!("{SHIPPED}/example.toml")).unwrap();
-    let shown = |key: &str| {
-        example.lines().any(|line| {
-            let line = line.trim_start_matches(['#', ' ']);
-            line.starts_with(&format!("{key} ="))
-        })
+    let shown = |line_start: &str| {
+        example
+            .lines()
+            .any(|line| line.trim_start_matches(['#', ' ']).starts_with(line_start))
     };
     let mut checked = 0;
     for (heading, at_least) in [
-        ("### `[server]`", 4),
-        ("### `[admin]`", 2),
-        ("### `[upstream]`", 4),
-        ("### `[[routes]]`", 4),
-        ("### `[store]`", 4),
+        ("## `[server]`", 10),
+        ("## `[admin]`", 2),
+        ("## `[upstream]`", 11),
+        ("## `[credentials.NAME]`", 2),
+        ("## `[[routes]]`", 8),
+        ("## `[cache]`", 2),
+        ("## `[store]`", 7),
     ] {
-        let keys = documented_keys(&readme, heading);
+        let keys = first_cells(section(&reference, heading), "key");
         assert!(keys.len() >= at_least, "{heading}: {keys:?}");
         for key in keys {
             assert!(
-                shown(&key),
-                "{heading} documents `{key}`; config/example.toml lacks it"
+                shown(&format!("{key} =")),
+                "docs/configuration.md {heading} documents `{key}`; config/example.toml lacks it"
             );
             checked += 1;
         }
     }
+    let kinds = first_cells(section(&reference, "## `[credentials.NAME]`"), "`kind`");
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    for kind in kinds {
+        assert!(
+            shown(&format!("kind = \"{kind}\"")),
+            "docs/configuration.md documents kind `{kind}`; config/example.toml lacks it"
+        );
+        checked += 1;
+    }
     assert!(
-        checked >= 20,
-        "only {checked} keys found in the README tables"
+        checked >= 40,
+        "only {checked} keys found in docs/configuration.md's tables"
     );
+}
+
+/// The README's first screen gets a newcomer going: within its first 40 lines, the command CI
+/// runs (`cargo test --locked`) and a `cargo run` of the shipped example config, which passes
+/// `check --offline` (and so needs nothing but the token it names to run).
+#[test]
+fn readme_first_screen_runs_the_example_config_and_the_tests() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let first_screen: Vec<&str> = readme.lines().take(40).collect();
+    assert!(
+        first_screen
+            .iter()
+            .any(|line| line.trim() == "cargo test --locked"),
+        "README's first 40 lines lack `cargo test --locked` on a line of its own"
+    );
+    let run = first_screen
+        .iter()
+        .find(|line| line.contains("cargo run") && line.contains("--config config/"))
+        .expect("README's first 40 lines lack a `cargo run ... --config config/...` command");
+    let config = run
+        .split_whitespace()
+        .skip_while(|word| *word != "--config")
+        .nth(1)
+        .unwrap();
+    assert_eq!(config, "config/example.toml", "{run}");
+    let (out, stdout, stderr) = output(
+        bin()
+            .args(["check", "--offline", "--config"])
+            .arg(format!("{}/{config}", env!("CARGO_MANIFEST_DIR")))
+            .env_remove("BITBUCKET_TOKEN"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("offline: no secret or CA file read"),
+        "{stdout}"
+    );
+    // The tour shows `check`'s output for this config (with the token set): every line of it,
+    // the route table and the `git config` line, as the binary prints them today.
+    let (out, stdout, stderr) = output(
+        bin()
+            .args(["check", "--config", config])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("BITBUCKET_TOKEN", "readme-token"),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.lines().count() >= 6, "{stdout}");
+    for line in stdout.lines().filter(|line| !line.trim().is_empty()) {
+        assert!(
+            readme.lines().any(|shown| shown == line),
+            "README's tour lacks this line of `check`'s output:\n{line}"
+        );
+    }
+    // The variable the first command sets is the one the config reads.
+    assert!(run.contains("BITBUCKET_TOKEN="), "{run}");
+    let example = std::fs::read_to_string(format!("{SHIPPED}/example.toml")).unwrap();
+    assert!(example.contains("{ env = \"BITBUCKET_TOKEN\" }"));
 }
 
 // ---------------------------------------------------------------------------
@@ -1140,7 +1233,7 @@ fn completions_and_man_page_generate() {
 #[test]
 fn no_shipped_file_shows_the_unscoped_git_rewrite() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![root.join("README.md")];
+    let mut files = vec![root.join("README.md"), root.join("SECURITY.md")];
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -1153,6 +1246,7 @@ fn no_shipped_file_shows_the_unscoped_git_rewrite() {
     }
     walk(&root.join("deploy"), &mut files);
     walk(&root.join("config"), &mut files);
+    walk(&root.join("docs"), &mut files);
     for file in files {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;

@@ -36,8 +36,8 @@ email = "bot@acme.example"
 token = { value = "api-token" }
 "#;
 
-/// Nested routes with a narrower method list, aliases, a project and git routes: the README's
-/// shape, with a narrower route under each kind of name.
+/// Nested routes with a narrower method list, aliases, a project and git routes: the shape of
+/// docs/configuration.md's routing example, with a narrower route under each kind of name.
 const NESTED: &str = r#"
 [[routes]]
 prefix = "/2.0/repositories/acme/widgets"
