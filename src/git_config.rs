@@ -15,17 +15,7 @@ pub fn proxy_base_url(config: &Config) -> Option<String> {
         return Some(public.text.clone());
     }
     config.server.listen.iter().find_map(|listen| match listen {
-        ListenAddr::Tcp(addr) => {
-            let mut addr = *addr;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(if addr.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                });
-            }
-            Some(format!("http://{addr}"))
-        }
+        ListenAddr::Tcp(addr) => Some(format!("http://{}", crate::config::dialable(*addr))),
         ListenAddr::Unix(_) => None,
     })
 }

@@ -48,20 +48,10 @@ pub fn parse_target(url: &str) -> Result<Target, String> {
 pub fn target_for_config(config: &Config) -> Option<Target> {
     Some(match config.server.listen.first()? {
         ListenAddr::Unix(path) => Target::Unix(path.clone()),
-        ListenAddr::Tcp(addr) => {
-            let mut addr = *addr;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(if addr.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                });
-            }
-            Target::Tcp {
-                authority: addr.to_string(),
-                path: HEALTH_PATH.to_owned(),
-            }
-        }
+        ListenAddr::Tcp(addr) => Target::Tcp {
+            authority: crate::config::dialable(*addr).to_string(),
+            path: HEALTH_PATH.to_owned(),
+        },
     })
 }
 

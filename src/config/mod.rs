@@ -105,6 +105,19 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// The address a local client dials to reach a TCP listener on `addr`: a wildcard listener
+/// (`0.0.0.0`, `[::]`) is reached on loopback.
+pub fn dialable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub api: Origin,
