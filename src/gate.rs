@@ -60,8 +60,7 @@ pub fn raw_http1_response(error: &ProxyError) -> Bytes {
 
 /// Sends `refusal` once the peer's request head is in (or after [`REFUSAL_HEAD_WAIT`]) and
 /// closes the connection, then drains the peer's input for the rest of [`REFUSAL_LINGER`] so
-/// the close does not turn into a reset. Holds no
-/// connection slot meanwhile.
+/// the close does not turn into a reset. Holds no connection slot meanwhile.
 pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
     tracing::info!(
         client = %peer.ip(),
@@ -80,39 +79,45 @@ pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
         // An HTTP client that gets its answer before it has sent its request treats it as a
         // protocol error (hyper's does), so the refusal waits for the request head, briefly.
         let mut read = 0;
-        let _ = tokio::time::timeout(REFUSAL_HEAD_WAIT, async {
-            let mut buf = [0u8; 4096];
-            let mut last_four: u32 = 0;
-            while read < REFUSAL_DRAIN_LIMIT {
-                let n = stream.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                read += n;
-                for &byte in &buf[..n] {
-                    last_four = (last_four << 8) | u32::from(byte);
-                }
-                if last_four == u32::from_be_bytes(*b"\r\n\r\n") {
-                    break;
-                }
-            }
-            Ok::<_, std::io::Error>(())
-        })
+        let _ = tokio::time::timeout(
+            REFUSAL_HEAD_WAIT,
+            discard_input(&mut stream, &mut read, true),
+        )
         .await;
         let _ = tokio::time::timeout_at(deadline, async {
             stream.write_all(&refusal).await?;
             stream.shutdown().await?;
-            let mut buf = [0u8; 4096];
-            while read < REFUSAL_DRAIN_LIMIT {
-                match stream.read(&mut buf).await? {
-                    0 => break,
-                    n => read += n,
-                }
-            }
-            Ok::<_, std::io::Error>(())
+            discard_input(&mut stream, &mut read, false).await
         })
         .await;
     });
+}
+
+/// Reads and drops the peer's input until it closes, or `REFUSAL_DRAIN_LIMIT` bytes in all
+/// (counted in `read`), or, with `until_head`, the blank line that ends a request head.
+async fn discard_input(
+    stream: &mut TcpStream,
+    read: &mut usize,
+    until_head: bool,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut last_four: u32 = 0;
+    while *read < REFUSAL_DRAIN_LIMIT {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        *read += n;
+        if until_head {
+            for &byte in &buf[..n] {
+                last_four = (last_four << 8) | u32::from(byte);
+            }
+            if last_four == u32::from_be_bytes(*b"\r\n\r\n") {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
