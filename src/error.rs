@@ -5,8 +5,9 @@ use std::error::Error as StdError;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 
-use crate::body::{BodyIdleTimeout, BoxError, Direction, ProxyBody};
-use crate::path::PathError;
+use crate::base::body::{BodyIdleTimeout, BoxError, Direction, ProxyBody};
+use crate::base::error_chain;
+use crate::bitbucket::path::PathError;
 use crate::routing::RouteError;
 
 /// Response header naming why the proxy itself answered.
@@ -65,11 +66,11 @@ pub enum ProxyError {
     )]
     Overloaded,
     #[error("{0}")]
-    Token(#[from] crate::oauth::TokenError),
+    Token(#[from] crate::upstream::oauth::TokenError),
     #[error("credential `{credential}` {pace}; retry in {retry_after_s} s")]
     RateLimited {
         credential: String,
-        pace: crate::governor::Pace,
+        pace: crate::bitbucket::rate_limit::Pace,
         retry_after_s: u64,
     },
     /// Bitbucket answered 429 for this credential; its requests are held until the cool-down
@@ -303,32 +304,6 @@ fn find_cause<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) ->
 
 fn find_tls_error(error: &(dyn StdError + 'static)) -> Option<String> {
     find_cause::<rustls::Error>(error).map(|e| e.to_string())
-}
-
-/// `outer: inner: innermost`, so logs and error details carry the root cause.
-pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        current = e.source();
-        if current.is_none()
-            && let Some(inner) = e
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-        {
-            let inner = inner.to_string();
-            if !text.contains(&inner) {
-                text.push_str(": ");
-                text.push_str(&inner);
-            }
-        }
-    }
-    text
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ async fn the_json_log_names_the_client_the_request_id_and_the_upstreams_answer()
         .await;
     assert_eq!(
         started["version"],
-        bitbucket_auth_proxy::build_info::long_version(),
+        bitbucket_auth_proxy::base::build_info::long_version(),
         "{started}"
     );
     let config_resolved = config.canonicalize().unwrap().display().to_string();
@@ -395,15 +395,15 @@ fn version_matches_the_build_info_the_metrics_carry() {
         .output()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let long = bitbucket_auth_proxy::build_info::long_version();
+    let long = bitbucket_auth_proxy::base::build_info::long_version();
     assert_eq!(stdout.trim(), format!("bitbucket-auth-proxy {long}"));
-    let metrics = bitbucket_auth_proxy::metrics::Metrics::new().encode();
-    let commit = bitbucket_auth_proxy::build_info::COMMIT.unwrap_or("");
+    let metrics = bitbucket_auth_proxy::telemetry::metrics::Metrics::new().encode();
+    let commit = bitbucket_auth_proxy::base::build_info::COMMIT.unwrap_or("");
     assert!(
         metrics.contains(&format!("commit=\"{commit}\"")),
         "{metrics}"
     );
-    if let Some(commit) = bitbucket_auth_proxy::build_info::COMMIT {
+    if let Some(commit) = bitbucket_auth_proxy::base::build_info::COMMIT {
         assert!(long.contains(commit), "{long}");
         assert_eq!(commit.len(), 7, "{long}");
     }

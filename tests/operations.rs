@@ -832,8 +832,8 @@ async fn admin_endpoints_answer_with_the_documented_content() {
             format!(
                 "bitbucket_auth_proxy_build_info{{version=\"{}\",commit=\"{}\",commit_date=\"{}\"}}",
                 env!("CARGO_PKG_VERSION"),
-                bitbucket_auth_proxy::build_info::COMMIT.unwrap_or(""),
-                bitbucket_auth_proxy::build_info::COMMIT_DATE.unwrap_or(""),
+                bitbucket_auth_proxy::base::build_info::COMMIT.unwrap_or(""),
+                bitbucket_auth_proxy::base::build_info::COMMIT_DATE.unwrap_or(""),
             ),
             Some("1"),
         ),

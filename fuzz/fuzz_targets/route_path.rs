@@ -3,14 +3,15 @@
 //! with or without `.git`; as sent, decoded once and twice), a `{UUID}` that may name a narrower
 //! route's resource refused, and a forwarded path that stays inside the route's
 //! `upstream_prefix` however the upstream decodes it or removes dot-segments.
-//! See `bitbucket_auth_proxy::invariant::check_route`.
+//! See `bitbucket_auth_proxy::routing::invariant::check_route`.
 #![no_main]
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use bitbucket_auth_proxy::Config;
-use bitbucket_auth_proxy::invariant::check_route;
+use bitbucket_auth_proxy::routing::RouteTable;
+use bitbucket_auth_proxy::routing::invariant::check_route;
 use libfuzzer_sys::fuzz_target;
 
 const CREDENTIALS: &str = r#"
@@ -95,13 +96,14 @@ upstream_prefix = "/2.0/repositories/acme"
 credential = "acme-all"
 "#;
 
-fn configs() -> &'static [Config; 2] {
-    static CONFIGS: OnceLock<[Config; 2]> = OnceLock::new();
+fn tables() -> &'static [RouteTable; 2] {
+    static CONFIGS: OnceLock<[RouteTable; 2]> = OnceLock::new();
     CONFIGS.get_or_init(|| {
         let load = |routes: &str| {
             let text = format!("{CREDENTIALS}\n{routes}");
-            Config::from_toml(Path::new("fuzz.toml"), &text)
-                .unwrap_or_else(|e| panic!("fuzz config is invalid: {e}"))
+            let config = Config::from_toml(Path::new("fuzz.toml"), &text)
+                .unwrap_or_else(|e| panic!("fuzz config is invalid: {e}"));
+            RouteTable::from_config(&config)
         };
         [load(NESTED), load(ROOT)]
     })
@@ -112,8 +114,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else {
         return;
     };
-    for config in configs() {
-        if let Err(violation) = check_route(&config.routes, path) {
+    for table in tables() {
+        if let Err(violation) = check_route(table, path) {
             panic!("routing invariant broken: {violation}");
         }
     }

@@ -1,11 +1,11 @@
 //! The header invariant on arbitrary request heads: after `headers::sanitize_request`, no
 //! hop-by-hop header, nothing named by `Connection`, no client credential, `Host`, `Expect` or
 //! forwarding header survives, and every other header is untouched.
-//! See `bitbucket_auth_proxy::invariant::check_sanitized_request`.
+//! See `bitbucket_auth_proxy::routing::invariant::check_sanitized_request`.
 #![no_main]
 
-use bitbucket_auth_proxy::headers::sanitize_request;
-use bitbucket_auth_proxy::invariant::check_sanitized_request;
+use bitbucket_auth_proxy::base::headers::sanitize_request;
+use bitbucket_auth_proxy::routing::invariant::check_sanitized_request;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

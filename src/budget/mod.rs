@@ -1,4 +1,4 @@
-//! One credential's request budget: the [governor](crate::governor) (rate_limit, Bitbucket's
+//! One credential's request budget: the [governor](crate::budget::governor) (rate_limit, Bitbucket's
 //! reported figures, NearLimit pacing), the [429 cool-down](cooldown), and their metrics, behind
 //! the two calls the request path makes:
 //!
@@ -10,7 +10,7 @@
 //!   [`UpstreamAttempt::answered`] with Bitbucket's answer: its `X-RateLimit-*` headers and a
 //!   429 feed the governor and the cool-down.
 //!
-//! Budgets are per credential name and outlive config generations (see [`crate::state`]).
+//! Budgets are per credential name and outlive config generations (see [`crate::runtime::state`]).
 //! With `[store]`, the governor's rules and the cool-down are applied in the shared store
 //! ([`crate::store::budget`]) so that every replica holding the secret spends one budget; the
 //! in-process governor then only works out the rules, and takes over while the store is down
@@ -19,7 +19,7 @@
 //! routes.
 
 pub mod cooldown;
-pub mod metrics;
+pub mod governor;
 pub mod reported;
 
 use std::sync::Arc;
@@ -28,14 +28,16 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode, header};
 use tokio::time::Instant;
 
+use crate::bitbucket::rate_limit::Pace;
+use crate::bitbucket::rate_limit::RateLimit;
+use crate::budget::governor::{Admission, DEFAULT_PER_HOUR, Governor, Refusal, Rules};
 use crate::config::OnStoreError;
-use crate::credentials::{Credential, RateLimit};
 use crate::error::ProxyError;
-use crate::governor::{Admission, DEFAULT_PER_HOUR, Governor, Pace, Refusal, Rules};
 use crate::store::Store;
 use crate::store::budget::{Policy, SharedAdmission, Verdict};
+use crate::telemetry::metrics::budget::CredentialMetrics;
+use crate::upstream::credential::Credential;
 use cooldown::{Cooldown, CooldownStatus, Gate, ceil_seconds};
-use metrics::CredentialMetrics;
 use reported::Report;
 
 /// The store a request's budget is shared through, and the credential whose secret names it.
@@ -70,7 +72,7 @@ impl CredentialBudget {
     pub fn new(
         name: Arc<str>,
         limit: Option<RateLimit>,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::telemetry::metrics::Metrics,
     ) -> Self {
         CredentialBudget {
             metrics: CredentialMetrics::new(metrics, &name),
@@ -313,7 +315,9 @@ impl UpstreamAttempt {
         if let Some(report) = Report::parse(headers) {
             budget.governor.record_report(now, &report);
             let left = budget.governor.usage(now).reported_left;
-            budget.metrics.reported(&report, left);
+            budget
+                .metrics
+                .reported(report.limit, report.remaining, report.near_limit, left);
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             budget.metrics.spent();
@@ -370,7 +374,7 @@ mod tests {
                 burst,
                 max_wait,
             }),
-            &crate::metrics::Metrics::new(),
+            &crate::telemetry::metrics::Metrics::new(),
         ))
     }
 

@@ -24,9 +24,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::policy;
-use crate::body::{BoxError, Direction, TimedBody};
+use crate::base::body::{BoxError, Direction, TimedBody};
+use crate::base::headers;
 use crate::error::ProxyError;
-use crate::headers;
 
 /// The upstream's response head, cleaned once for every client.
 #[derive(Debug)]
@@ -38,7 +38,7 @@ pub struct Head {
     /// The body's length when the head announced it (0 for bodiless answers).
     pub length: Option<u64>,
     /// What the upstream answered the request that fetched it, for that request's access line.
-    pub upstream: Option<crate::request_id::UpstreamExchange>,
+    pub upstream: Option<crate::telemetry::request_id::UpstreamExchange>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +179,7 @@ impl Flight {
                     }
                 }
                 Some(Err(error)) => {
-                    let message: Arc<str> = crate::error::error_chain(&*error).into();
+                    let message: Arc<str> = crate::base::error_chain(&*error).into();
                     self.update(|state| state.end = Some(End::Failed(message)));
                     return Filled::Nothing;
                 }
@@ -265,7 +265,7 @@ fn replicate(error: &ProxyError) -> ProxyError {
         ProxyError::UpstreamUnreachable(text) => ProxyError::UpstreamUnreachable(text.clone()),
         ProxyError::UpstreamTls(text) => ProxyError::UpstreamTls(text.clone()),
         ProxyError::UpstreamTimeout(text) => ProxyError::UpstreamTimeout(text.clone()),
-        ProxyError::Token(token) => ProxyError::Token(crate::oauth::TokenError {
+        ProxyError::Token(token) => ProxyError::Token(crate::upstream::oauth::TokenError {
             credential: token.credential.clone(),
             token_url: token.token_url.clone(),
             detail: token.detail.clone(),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 
 use super::policy::KEYED_REQUEST_HEADERS;
-use crate::credentials::UpstreamKind;
+use crate::bitbucket::credentials::UpstreamKind;
 
 /// One upstream request as far as its answer is concerned.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -20,7 +20,6 @@
 pub mod coalesce;
 pub mod key;
 pub mod policy;
-pub mod stats;
 pub mod status;
 pub mod store;
 mod writes;
@@ -35,12 +34,13 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::body::{BoxError, LocalBody, ProxyBody};
+use crate::base::body::{BoxError, LocalBody, ProxyBody};
+use crate::config::Config;
 use crate::error::ProxyError;
-use crate::metrics::{CredentialLabels, Metrics};
 use crate::rewrite;
+use crate::rewrite::RewritePatterns;
 use crate::routing::Route;
-use crate::state::Generation;
+use crate::telemetry::metrics::{CredentialLabels, Metrics};
 use coalesce::{Filled, Flight, Head, Ready};
 use key::Key;
 use policy::{Bypass, CacheLimits, ClientDirectives, Freshness};
@@ -67,7 +67,9 @@ pub struct Lookup {
 
 /// The request a response is built for.
 pub struct Client<'a> {
-    pub generation: &'a Arc<Generation>,
+    /// The generation's config and link patterns, for rewriting a shared answer per client.
+    pub config: &'a Arc<Config>,
+    pub patterns: &'a Arc<RewritePatterns>,
     pub route: &'a Arc<Route>,
     pub host: Option<&'a HeaderValue>,
     pub metrics: &'a Arc<Metrics>,
@@ -361,7 +363,7 @@ impl Cache {
         let cache = self.clone();
         let key = lookup.key.clone();
         let scope = lookup.scope.clone();
-        let idle = client.generation.config.upstream.idle_timeout;
+        let idle = client.config.upstream.idle_timeout;
         let metrics = client.metrics.clone();
         let flight = flight.clone();
         tokio::spawn(async move {
@@ -472,10 +474,9 @@ where
     let (mut parts, ()) = Response::new(()).into_parts();
     parts.status = head.status;
     parts.headers = head.headers.clone();
-    let config = &client.generation.config;
     let body = match rewrite::rewrite_any(
-        config,
-        &client.generation.patterns,
+        client.config,
+        client.patterns,
         client.route,
         client.host,
         &mut parts,

@@ -2,60 +2,19 @@
 //! paths whose answer can never change, and the checks on an upstream response before it is
 //! shared or stored.
 //!
-//! A leaf module: it knows HTTP types and the upstream kind, nothing of the proxy's state, so
-//! config validation and routing can use its types.
+//! Knows HTTP types, the upstream kind and the settings types of [`crate::config::cache`],
+//! nothing of the proxy's state.
 
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode, header};
 
-use crate::credentials::UpstreamKind;
+use crate::bitbucket::credentials::UpstreamKind;
 use crate::error::ProxyError;
 
-/// `[cache] max_bytes` default: room for a few thousand API pages.
-pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
-/// `[cache] max_entry_bytes` default: a large API page or source file, not an archive.
-pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 1024 * 1024;
-
-/// `[cache]`, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheLimits {
-    /// What the stored bodies, headers and keys may take together; 0 turns the store off
-    /// (coalescing still works).
-    pub max_bytes: u64,
-    /// The largest body that is stored, or shared between coalesced requests while it streams.
-    pub max_entry_bytes: u64,
-}
-
-impl Default for CacheLimits {
-    fn default() -> Self {
-        CacheLimits {
-            max_bytes: DEFAULT_MAX_BYTES,
-            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
-        }
-    }
-}
-
-/// A route's `cache = { ... }`, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteCachePolicy {
-    /// Microcaching: any 200 GET on the route is served from the cache this long.
-    pub max_age: Option<Duration>,
-    /// How long past `max_age` an entry may still answer when Bitbucket fails or refuses.
-    pub stale_if_error: Option<Duration>,
-    /// Whether GETs of [immutable paths](is_immutable) are cached without a `max_age`.
-    pub immutable: bool,
-}
-
-impl Default for RouteCachePolicy {
-    fn default() -> Self {
-        RouteCachePolicy {
-            max_age: None,
-            stale_if_error: None,
-            immutable: true,
-        }
-    }
-}
+pub use crate::config::cache::{
+    CacheLimits, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRY_BYTES, RouteCachePolicy,
+};
 
 /// How long a stored answer stays fresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

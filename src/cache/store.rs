@@ -169,7 +169,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credentials::UpstreamKind;
+    use crate::bitbucket::credentials::UpstreamKind;
     use http::{HeaderMap, Method, StatusCode};
 
     fn key(n: usize) -> Key {

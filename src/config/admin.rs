@@ -1,8 +1,8 @@
 //! `[admin]`: validates the admin listener's addresses and the clients it admits. Owns nothing
-//! else; the listener itself is started in `crate::listener`.
+//! else; the listener itself is started in `crate::server::listener`.
 
+use super::fields::{loopback_clients, parse_cidr, parse_listen};
 use super::file::AdminSection;
-use super::validate::{loopback_clients, parse_cidr, parse_listen};
 use super::{AdminSettings, ConfigIssue, ListenAddr, ServerSettings};
 
 pub(super) fn admin_settings(

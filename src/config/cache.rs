@@ -1,11 +1,55 @@
-//! Validation of `[cache]` and of a route's `cache = { ... }` into the settings the response
-//! cache runs on ([`crate::cache::policy`]).
+//! `[cache]` and a route's `cache = { ... }`: their validated settings, and the validation
+//! that produces them. The response cache ([`crate::cache::policy`]) runs on these.
 
+use super::fields::{Issues, parse_duration};
 use super::file::{CacheSection, DurationText, RouteCacheSection};
-use super::validate::{Issues, parse_duration};
-use crate::cache::policy::{
-    CacheLimits, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRY_BYTES, RouteCachePolicy,
-};
+
+use std::time::Duration;
+
+/// `[cache] max_bytes` default: room for a few thousand API pages.
+pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// `[cache] max_entry_bytes` default: a large API page or source file, not an archive.
+pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 1024 * 1024;
+
+/// `[cache]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// What the stored bodies, headers and keys may take together; 0 turns the store off
+    /// (coalescing still works).
+    pub max_bytes: u64,
+    /// The largest body that is stored, or shared between coalesced requests while it streams.
+    pub max_entry_bytes: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits {
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+        }
+    }
+}
+
+/// A route's `cache = { ... }`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteCachePolicy {
+    /// Microcaching: any 200 GET on the route is served from the cache this long.
+    pub max_age: Option<Duration>,
+    /// How long past `max_age` an entry may still answer when Bitbucket fails or refuses.
+    pub stale_if_error: Option<Duration>,
+    /// Whether GETs of [immutable paths](crate::cache::policy::is_immutable) are cached without a `max_age`.
+    pub immutable: bool,
+}
+
+impl Default for RouteCachePolicy {
+    fn default() -> Self {
+        RouteCachePolicy {
+            max_age: None,
+            stale_if_error: None,
+            immutable: true,
+        }
+    }
+}
 
 pub(super) fn cache_limits(issues: &mut Issues, section: &CacheSection) -> CacheLimits {
     let max_bytes = section.max_bytes.unwrap_or(DEFAULT_MAX_BYTES);

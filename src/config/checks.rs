@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 
 use super::{ADMIN_PREFIX, ListenAddr, ServerSettings};
-use crate::path::check_path;
-use crate::routing::segment_prefix_matches;
+use crate::bitbucket::path::check_path;
+use crate::bitbucket::path::segment_prefix_matches;
 
 /// What is wrong with a `prefix` or `upstream_prefix` at `key`, with a hint; `None` when valid.
 pub(super) fn prefix_error(key: &str, prefix: &str) -> Option<String> {

@@ -3,12 +3,17 @@
 //! would be valid.
 
 mod admin;
-mod cache;
+pub mod ca_file;
+pub mod cache;
 mod checks;
+mod credential;
+mod fields;
 mod file;
 mod parse;
+mod route;
 pub mod schema;
 mod store;
+mod upstream;
 mod validate;
 
 use std::fmt;
@@ -22,17 +27,21 @@ use ipnet::IpNet;
 use rustls_pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
-use crate::credentials::{Credential, UpstreamKind};
-use crate::routing::RouteTable;
+use http::{HeaderValue, Method, Uri};
 
+use crate::bitbucket::alias::PrefixPattern;
+use crate::bitbucket::credentials::{CredentialSettings, UpstreamKind};
+
+pub use fields::Mode;
 pub use file::ConfigFile;
 pub use store::{OnStoreError, StoreSettings};
-pub use validate::{Mode, is_loopback_host};
+pub use upstream::is_loopback_host;
 
 /// Environment variable that may hold the config path instead of `--config`.
 pub const CONFIG_ENV: &str = "BITBUCKET_AUTH_PROXY_CONFIG";
 
-/// A validated, ready-to-run configuration. Secrets are already loaded into credentials.
+/// A validated configuration: plain settings, with secrets already loaded into the credential
+/// settings. The live objects a proxy runs on are built from it by [`crate::runtime`].
 #[derive(Debug)]
 pub struct Config {
     pub path: PathBuf,
@@ -40,14 +49,15 @@ pub struct Config {
     /// `[admin]`: where the admin endpoints are served when not on `server.listen`.
     pub admin: AdminSettings,
     pub upstream: UpstreamSettings,
-    pub credentials: Vec<Arc<Credential>>,
-    pub routes: RouteTable,
+    pub credentials: Vec<Arc<CredentialSettings>>,
+    /// `[[routes]]`, most specific first (the order routing tries them in).
+    pub routes: Vec<RouteSettings>,
     /// `[cache]`: memory bound and per-response cap of the response cache and coalescing.
-    pub cache: crate::cache::policy::CacheLimits,
+    pub cache: cache::CacheLimits,
     /// `[store]`: where replicas share budgets and cool-downs; `None` keeps them in-process.
     pub store: Option<StoreSettings>,
     /// Where each secret was read from, by config key (for readiness and reload watching).
-    pub secret_sources: Vec<(String, crate::secrets::SecretSource)>,
+    pub secret_sources: Vec<(String, crate::base::secrets::SecretSource)>,
     /// Things that work but deserve attention (inline secrets, app passwords).
     pub warnings: Vec<String>,
 }
@@ -118,6 +128,53 @@ pub fn dialable(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// `upstream.proxy` with its optional credentials, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressProxy {
+    pub url: Uri,
+    /// `Basic …` for `Proxy-Authorization`, marked sensitive.
+    pub authorization: Option<HeaderValue>,
+}
+
+/// One `[[routes]]` entry, validated.
+#[derive(Debug)]
+pub struct RouteSettings {
+    /// The local prefix as configured (`/` or without a trailing slash); also its metrics label.
+    pub prefix: Arc<str>,
+    pub upstream: UpstreamKind,
+    /// The upstream prefix as configured (`/` or without a trailing slash).
+    pub upstream_prefix: String,
+    pub credential: Arc<CredentialSettings>,
+    /// `None` allows every method.
+    pub methods: Option<Vec<Method>>,
+    /// The `Allow` header for a 405, computed once.
+    pub allow_header: Option<HeaderValue>,
+    /// Whether responses get their upstream URLs rewritten to point back at the proxy.
+    pub rewrite_links: bool,
+    /// Whether identical GET/HEAD requests in flight at once share one upstream request.
+    pub coalesce: bool,
+    /// What the response cache may keep of this route's answers.
+    pub cache: cache::RouteCachePolicy,
+    /// `prefix` as matched: workspace, repository and project segments in any spelling.
+    pub pattern: PrefixPattern,
+}
+
+impl RouteSettings {
+    /// Routing's order: most segments first, then the longer prefix, so the first match is the
+    /// most specific.
+    pub fn most_specific_first(
+        (a_pattern, a_prefix): (&PrefixPattern, &str),
+        (b_pattern, b_prefix): (&PrefixPattern, &str),
+    ) -> std::cmp::Ordering {
+        let trimmed = |prefix: &str| prefix.trim_end_matches('/').len();
+        b_pattern
+            .segment_count()
+            .cmp(&a_pattern.segment_count())
+            .then_with(|| trimmed(b_prefix).cmp(&trimmed(a_prefix)))
+            .then_with(|| a_prefix.cmp(b_prefix))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub api: Origin,
@@ -135,7 +192,7 @@ pub struct UpstreamSettings {
     /// `upstream.keep_warm`: hold a connected spare to every origin the routes use.
     pub keep_warm: bool,
     /// `upstream.proxy`: the HTTP proxy to tunnel through (else the environment's, if any).
-    pub proxy: Option<crate::egress::EgressProxy>,
+    pub proxy: Option<EgressProxy>,
 }
 
 impl UpstreamSettings {
@@ -248,7 +305,7 @@ impl Config {
             self.secret_sources
                 .iter()
                 .filter_map(|(_, source)| match source {
-                    crate::secrets::SecretSource::File(path) => Some(path.clone()),
+                    crate::base::secrets::SecretSource::File(path) => Some(path.clone()),
                     _ => None,
                 }),
         );
@@ -296,7 +353,6 @@ mod tests;
 pub fn describe_routes(config: &Config) -> String {
     let rows: Vec<[String; 5]> = config
         .routes
-        .routes()
         .iter()
         .map(|route| {
             [

@@ -6,9 +6,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::fields::load_secret;
+use super::fields::{Issues, parse_duration};
 use super::file::StoreSection;
-use super::validate::{Issues, load_secret, parse_duration};
-use crate::secrets::Secret;
+use crate::base::secrets::Secret;
 
 /// The default `store.timeout`: a budget check on a healthy Redis takes well under a
 /// millisecond; a store slower than this costs every request more than it saves.

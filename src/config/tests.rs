@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::credentials::CredentialKind;
+use crate::bitbucket::credentials::CredentialKind;
 
 fn load(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml(Path::new("/etc/bbap/test.toml"), text)
@@ -50,12 +50,12 @@ fn valid_config_has_defaults_and_routes() {
     assert_eq!(config.upstream.git.text, "https://bitbucket.org");
     assert_eq!(config.upstream.timeout, DEFAULT_TIMEOUT);
     assert_eq!(config.server.allowed_clients.len(), 2);
-    assert_eq!(config.routes.routes().len(), 3);
-    let widgets = config
-        .routes
+    assert_eq!(config.routes.len(), 3);
+    let widgets = route_table(&config)
         .route("/2.0/repositories/acme/widgets/src")
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(
         widgets.methods.as_deref(),
         Some(&[http::Method::GET, http::Method::HEAD][..])
@@ -411,15 +411,15 @@ credential = "a"
     )
     .unwrap();
     let config = Config::load(&path).unwrap();
-    let route = config
-        .routes
+    let route = route_table(&config)
         .route("/2.0/workspaces/acme")
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .clone();
     assert_eq!(
         route
             .credential
-            .static_authorization(crate::credentials::UpstreamKind::Api)
+            .static_authorization(crate::bitbucket::credentials::UpstreamKind::Api)
             .unwrap(),
         "Bearer from-file"
     );
@@ -500,10 +500,13 @@ credential = "consumer"
     .unwrap();
     let credential = &config.credentials[0];
     assert_eq!(credential.kind, CredentialKind::OauthClientCredentials);
-    assert!(credential.renews_tokens());
+    assert!(matches!(
+        credential.auth,
+        crate::bitbucket::credentials::CredentialAuth::OAuthConsumer { .. }
+    ));
     assert_eq!(
         credential.rate_limit,
-        Some(crate::credentials::RateLimit {
+        Some(crate::bitbucket::rate_limit::RateLimit {
             per_hour: 1000,
             burst: 50,
             max_wait: std::time::Duration::from_secs(2),
@@ -569,4 +572,9 @@ fn max_concurrent_streams_defaults_well_under_hypers_200_and_refuses_zero() {
         "listen = [\"127.0.0.1:0\"]\nmax_concurrent_streams = 8",
     );
     assert_eq!(load(&text).unwrap().server.max_concurrent_streams, 8);
+}
+
+/// The live route table a generation would build from `config`.
+fn route_table(config: &Config) -> crate::routing::RouteTable {
+    crate::routing::RouteTable::from_config(config)
 }

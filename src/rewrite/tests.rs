@@ -1,6 +1,8 @@
 use std::path::Path;
 
 use super::*;
+use crate::upstream::credential::Credential;
+use http_body::Frame;
 
 const CONFIG: &str = r#"
 [server]
@@ -43,14 +45,14 @@ impl Fixture {
     }
 
     fn rewriter(&self, route_prefix: &str) -> LinkRewriter {
-        let route = self
+        let settings = self
             .config
             .routes
-            .routes()
             .iter()
             .find(|r| &*r.prefix == route_prefix)
-            .unwrap()
-            .clone();
+            .unwrap();
+        let credential = Arc::new(Credential::from_settings(&settings.credential));
+        let route = Arc::new(Route::from_settings(settings, credential));
         LinkRewriter::new(
             self.config.clone(),
             self.patterns.clone(),

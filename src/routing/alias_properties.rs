@@ -2,14 +2,14 @@
 //! route chosen for Bitbucket's canonical spelling of the same resource (names in lower case,
 //! git repositories without `.git`), or the request is refused.
 //!
-//! Two views: [`crate::invariant::check_route`] on paths built from hostile pieces, and
+//! Two views: [`crate::routing::invariant::check_route`] on paths built from hostile pieces, and
 //! spellings generated from known canonical paths (case changes, percent-encoded letters, `.git`,
 //! `{UUID}`), each of which must route like its canonical path or be refused.
 
 use proptest::prelude::*;
 
 use super::tests::alias_table;
-use crate::invariant::check_route;
+use crate::routing::invariant::check_route;
 
 /// Cases per property; `PROPTEST_CASES` overrides it for a longer run.
 const CASES: u32 = 3000;

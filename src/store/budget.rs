@@ -162,7 +162,7 @@ impl BudgetKeys {
 }
 
 /// How the credential is governed now, from its `rate_limit` and Bitbucket's reports (the
-/// local [`crate::governor::Governor`] works it out; the store applies it).
+/// local [`crate::budget::governor::Governor`] works it out; the store applies it).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
     /// The rolling-hour cap, if any.

@@ -12,7 +12,6 @@
 //! HTTP or routes.
 
 pub mod budget;
-pub mod metrics;
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -23,7 +22,7 @@ use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Tls
 use tokio::time::Instant;
 
 use crate::config::{OnStoreError, StoreSettings};
-use metrics::StoreMetrics;
+use crate::telemetry::metrics::store::StoreMetrics;
 
 /// The first pause after a failed call before the store is tried again; doubles per failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -75,7 +74,7 @@ impl Store {
     /// Builds the client; connects lazily, so a store that is down at start-up delays nothing.
     pub fn new(
         settings: &StoreSettings,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::telemetry::metrics::Metrics,
     ) -> Result<Self, String> {
         let addr = if settings.tls {
             ConnectionAddr::TcpTls {

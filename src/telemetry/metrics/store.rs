@@ -1,0 +1,47 @@
+//! The store's metrics: whether it answers, how often it failed, and how many requests went
+//! ahead without it (`on_error = "local"`) or were refused (`"refuse"`).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Registered once in [`crate::telemetry::metrics::Metrics`]; a reload's new [`super::Store`] keeps using
+/// the same series.
+#[derive(Default, Clone)]
+pub struct StoreMetrics {
+    pub up: Gauge,
+    pub errors: Counter,
+    pub fallbacks: Counter,
+    pub refused: Counter,
+}
+
+impl StoreMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = StoreMetrics::default();
+        registry.register(
+            "store_up",
+            "1 while the shared store ([store]) answers; 0 while it is down, and always without [store]",
+            metrics.up.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed or took longer than store.timeout",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "store_fallbacks",
+            "Requests governed by the in-process budget because the store was down (on_error = \"local\")",
+            metrics.fallbacks.clone(),
+        );
+        registry.register(
+            "store_refused",
+            "Requests refused with 503 store-unavailable because the store was down (on_error = \"refuse\")",
+            metrics.refused.clone(),
+        );
+        metrics
+    }
+
+    pub fn new(metrics: &crate::telemetry::metrics::Metrics) -> Self {
+        metrics.store.clone()
+    }
+}
