@@ -1,4 +1,7 @@
 //! Errors on the request path, each knowing who is at fault and how it reaches the client.
+//!
+//! Wraps the typed errors of the layers below (path safety, routing, OAuth tokens, bodies) so
+//! that mapping any of them to 4xx/502/504 is one match; uses nothing above [`crate::routing`].
 
 use std::error::Error as StdError;
 

@@ -207,6 +207,20 @@ impl Flight {
         Filled::Complete(head, body)
     }
 
+    /// Whether the answer has ended (complete, failed, handed off past the cap, or every byte
+    /// of a body of known length is in): a request arriving now was not in flight with it,
+    /// and must not be answered from it. The length counts because a client reads such a body
+    /// to its end, and may send its next request, before the upstream's end of stream.
+    pub fn is_finished(&self) -> bool {
+        let state = self.lock();
+        match &state.head {
+            _ if state.end.is_some() => true,
+            Some(Err(_)) => true,
+            Some(Ok(head)) => head.length.is_some_and(|length| state.len as u64 >= length),
+            None => false,
+        }
+    }
+
     /// Waits until the answer can be given to this request.
     pub async fn ready(&self, owner: bool) -> Ready {
         std::future::poll_fn(|cx| self.poll_ready(cx, owner)).await

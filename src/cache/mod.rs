@@ -16,6 +16,10 @@
 //! repository itself (a rename, transfer or deletion): no other write changes a commit.
 //!
 //! The cache belongs to one config generation: a reload starts an empty one.
+//!
+//! Uses [`crate::rewrite`] (each client's copy is rewritten for its route and host),
+//! [`crate::routing`] (the route a request matched), [`crate::error`] and the metrics; the
+//! upstream request itself is the `fetch` the proxy hands in, so nothing here forwards.
 
 pub mod coalesce;
 pub mod key;
@@ -269,7 +273,9 @@ impl Cache {
             let (flight, owner) = {
                 let mut flights = lock(&self.flights);
                 match flights.get(&lookup.key) {
-                    Some(flight) if !alone => (flight.clone(), false),
+                    // A finished flight lingers until its task removes it; a request that comes
+                    // after the answer ended was not in flight with it.
+                    Some(flight) if !alone && !flight.is_finished() => (flight.clone(), false),
                     _ => {
                         let flight = Flight::new(self.cap());
                         if !alone {

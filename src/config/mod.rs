@@ -1,6 +1,10 @@
 //! Configuration: load the TOML file, validate all of it, and produce the typed settings the
 //! proxy runs on. Every problem is reported at once, each naming the file, the key and what
 //! would be valid.
+//!
+//! Produces plain data and builds nothing that connects, spawns or caches: the live objects are
+//! built from these settings by [`crate::runtime`]. Uses only [`crate::base`] and
+//! [`crate::bitbucket`].
 
 mod admin;
 pub mod ca_file;
@@ -137,7 +141,7 @@ pub struct EgressProxy {
 }
 
 /// One `[[routes]]` entry, validated.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RouteSettings {
     /// The local prefix as configured (`/` or without a trailing slash); also its metrics label.
     pub prefix: Arc<str>,

@@ -10,6 +10,9 @@
 //! to save bytes on a loopback or local-network hop, and asking Bitbucket for identity instead
 //! would multiply the bytes on the slow internet hop. Codings the proxy cannot decode are
 //! filtered out of `Accept-Encoding` on rewriting routes, so they never arrive.
+//!
+//! Uses [`crate::config`] (the upstream origins, `server.public_url`), [`crate::routing`] (the
+//! route a response belongs to) and the body types of [`crate::base`].
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -10,10 +10,9 @@ pub mod invariant;
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Method};
+use http::Method;
 
-use crate::bitbucket::alias::{self, PrefixPattern};
-use crate::bitbucket::credentials::UpstreamKind;
+use crate::bitbucket::alias::{self};
 pub use crate::bitbucket::path::segment_prefix_matches;
 use crate::bitbucket::path::{self, PathError};
 use crate::config::{Config, RouteSettings};
@@ -30,43 +29,28 @@ pub enum RouteError {
     UuidAlias,
 }
 
-/// One route, live: its settings with the credential it forwards with.
+/// One route, live: its settings (read through `Deref`) and the live credential it forwards
+/// with, which routes naming the same credential share.
 #[derive(Debug)]
 pub struct Route {
-    /// The local prefix as configured (`/` or without a trailing slash); also its metrics label.
-    pub prefix: Arc<str>,
-    pub upstream: UpstreamKind,
-    /// The upstream prefix as configured (`/` or without a trailing slash).
-    pub upstream_prefix: String,
+    settings: RouteSettings,
     pub credential: Arc<Credential>,
-    /// `None` allows every method.
-    pub methods: Option<Vec<Method>>,
-    /// The `Allow` header for a 405, computed once.
-    pub allow_header: Option<HeaderValue>,
-    /// Whether responses get their upstream URLs rewritten to point back at the proxy.
-    pub rewrite_links: bool,
-    /// Whether identical GET/HEAD requests in flight at once share one upstream request.
-    pub coalesce: bool,
-    /// What the response cache may keep of this route's answers.
-    pub cache: crate::config::cache::RouteCachePolicy,
-    /// `prefix` as matched: workspace, repository and project segments in any spelling.
-    pub pattern: PrefixPattern,
+}
+
+impl std::ops::Deref for Route {
+    type Target = RouteSettings;
+
+    fn deref(&self) -> &RouteSettings {
+        &self.settings
+    }
 }
 
 impl Route {
     /// The live route for `settings`, forwarding with `credential`.
     pub fn from_settings(settings: &RouteSettings, credential: Arc<Credential>) -> Route {
         Route {
-            prefix: settings.prefix.clone(),
-            upstream: settings.upstream,
-            upstream_prefix: settings.upstream_prefix.clone(),
+            settings: settings.clone(),
             credential,
-            methods: settings.methods.clone(),
-            allow_header: settings.allow_header.clone(),
-            rewrite_links: settings.rewrite_links,
-            coalesce: settings.coalesce,
-            cache: settings.cache,
-            pattern: settings.pattern.clone(),
         }
     }
 
@@ -212,6 +196,8 @@ impl RouteTable {
 pub(crate) mod tests {
     use super::*;
     use crate::base::secrets::Secret;
+    use crate::bitbucket::UpstreamKind;
+    use crate::bitbucket::alias::PrefixPattern;
     use crate::bitbucket::credentials::{CredentialKind, CredentialSettings, Scope};
 
     pub(crate) fn route(
@@ -228,26 +214,26 @@ pub(crate) mod tests {
         upstream_prefix: &str,
         methods: Option<&[Method]>,
     ) -> Arc<Route> {
-        let credential = Arc::new(Credential::from_settings(
-            &CredentialSettings::access_token(
-                format!("cred{prefix}"),
-                CredentialKind::WorkspaceAccessToken,
-                Scope::Account,
-                &Secret::from_runtime("t".into()),
-            ),
+        let credential = Arc::new(CredentialSettings::access_token(
+            format!("cred{prefix}"),
+            CredentialKind::WorkspaceAccessToken,
+            Scope::Account,
+            &Secret::from_runtime("t".into()),
         ));
-        Arc::new(Route {
+        let settings = RouteSettings {
             prefix: prefix.into(),
             upstream,
             upstream_prefix: upstream_prefix.into(),
-            credential,
+            credential: credential.clone(),
             methods: methods.map(<[Method]>::to_vec),
             allow_header: None,
             rewrite_links: true,
             coalesce: true,
             cache: Default::default(),
             pattern: PrefixPattern::new(upstream, prefix, upstream_prefix),
-        })
+        };
+        let live = Arc::new(Credential::from_settings(&credential));
+        Arc::new(Route::from_settings(&settings, live))
     }
 
     pub(crate) fn table() -> RouteTable {

@@ -1,6 +1,6 @@
 //! The live configuration, swapped atomically on reload; requests keep the one they started with.
 //!
-//! [`Generation::new`] is the one place live objects are built from settings: the credentials
+//! `Generation::new` is the one place live objects are built from settings: the credentials
 //! (with their OAuth token caches), the route table, the upstream client with its keep-warm
 //! connector, the link rewriter's patterns, the response cache, the budgets and the store.
 

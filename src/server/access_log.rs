@@ -4,7 +4,7 @@
 //!
 //! A tower layer around the proxy service, applied per connection by the listener. It reads
 //! what the phases left in the response's extensions ([`crate::proxy::MatchedRoute`],
-//! [`crate::proxy::RequestBytes`], the cache status, the upstream's request id), so it may
+//! [`crate::base::body::RequestBytes`], the cache status, the upstream's request id), so it may
 //! use the proxy layer and everything below it.
 
 use std::convert::Infallible;

@@ -8,24 +8,23 @@ use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
-use crate::bitbucket::credentials::{
-    CredentialAuth, CredentialKind, CredentialSettings, Scope, UpstreamKind,
-};
-use crate::bitbucket::rate_limit::RateLimit;
+use crate::bitbucket::credentials::{CredentialAuth, CredentialSettings, UpstreamKind};
 use crate::upstream::client::UpstreamClient;
 use crate::upstream::oauth::{OAuthClient, TokenError};
 
-/// A credential ready to use.
+/// A credential ready to use: its settings (read through `Deref`: name, kind, scope,
+/// `verify`, `rate_limit`) and where its `Authorization` header comes from now.
 pub struct Credential {
-    /// The config name; also the metrics and log label.
-    pub name: Arc<str>,
-    pub kind: CredentialKind,
-    pub scope: Scope,
-    /// Whether the proxy checks this credential against Bitbucket (`verify = true`).
-    pub verify: bool,
-    /// Local pacing of requests (`rate_limit = { per_hour, burst }`), if configured.
-    pub rate_limit: Option<RateLimit>,
+    settings: Arc<CredentialSettings>,
     auth: Authorization,
+}
+
+impl std::ops::Deref for Credential {
+    type Target = CredentialSettings;
+
+    fn deref(&self) -> &CredentialSettings {
+        &self.settings
+    }
 }
 
 /// Where the `Authorization` header comes from.
@@ -49,7 +48,7 @@ impl fmt::Debug for Credential {
 impl Credential {
     /// The live credential for `settings`. An OAuth consumer starts with no token: the first
     /// request that needs one fetches it.
-    pub fn from_settings(settings: &CredentialSettings) -> Self {
+    pub fn from_settings(settings: &Arc<CredentialSettings>) -> Self {
         let auth = match &settings.auth {
             CredentialAuth::Static { rest, git } => Authorization::Static {
                 rest: rest.clone(),
@@ -65,11 +64,7 @@ impl Credential {
             )),
         };
         Credential {
-            name: settings.name.clone(),
-            kind: settings.kind,
-            scope: settings.scope.clone(),
-            verify: settings.verify,
-            rate_limit: settings.rate_limit,
+            settings: settings.clone(),
             auth,
         }
     }

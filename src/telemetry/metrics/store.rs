@@ -5,7 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Registered once in [`crate::telemetry::metrics::Metrics`]; a reload's new [`super::Store`] keeps using
+/// Registered once in [`crate::telemetry::metrics::Metrics`]; a reload's new [`crate::store::Store`] keeps using
 /// the same series.
 #[derive(Default, Clone)]
 pub struct StoreMetrics {
