@@ -7,13 +7,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bitbucket_auth_proxy::Config;
 use http::{Response, StatusCode};
 use support::proxy::assert_proxy_error;
+use support::proxy::{config_head, start_config};
 use support::*;
 
 /// One scripted answer of the mock Bitbucket.
@@ -158,23 +157,8 @@ async fn start_proxy(
     upstream: &Bitbucket,
     credentials_and_routes: &str,
 ) -> bitbucket_auth_proxy::RunningProxy {
-    let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstream]
-api_url = "{base}"
-ca_file = "{ca}"
-timeout = "5s"
-{credentials_and_routes}"#,
-        base = upstream.mock.base_url(),
-        ca = pki.ca_path().display(),
-    );
-    let config = Config::from_toml(Path::new("budget.toml"), &text).expect("valid config");
-    bitbucket_auth_proxy::start(config)
-        .await
-        .expect("proxy starts")
+    let head = config_head(&upstream.mock.base_url(), pki.ca_path(), "timeout = \"5s\"");
+    start_config("budget.toml", &format!("{head}{credentials_and_routes}")).await
 }
 
 /// Asserts the proxy's own 429 with `reason` and returns its `Retry-After` and error detail.

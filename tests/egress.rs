@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitbucket_auth_proxy::Config;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use support::proxy::{config_head, start_config};
 use support::*;
 
 const TOKEN: &str = "egress-test-token-P0q";
@@ -93,19 +93,11 @@ async fn start_proxy(
     pki: &TestPki,
     egress: &str,
 ) -> bitbucket_auth_proxy::RunningProxy {
+    // These tests count the tunnels and connections requests open; a warm spare would add one.
+    let upstream_lines = format!("timeout = \"5s\"\nkeep_warm = false\n{egress}");
+    let head = config_head(&upstream.base_url(), pki.ca_path(), &upstream_lines);
     let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstream]
-api_url = "{base}"
-ca_file = "{ca}"
-timeout = "5s"
-# These tests count the tunnels and connections requests open; a warm spare would add one.
-keep_warm = false
-{egress}
-
+        r#"{head}
 [credentials.acme-all]
 kind = "workspace_access_token"
 workspace = "acme"
@@ -114,14 +106,9 @@ token = {{ value = "{TOKEN}" }}
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "acme-all"
-"#,
-        base = upstream.base_url(),
-        ca = pki.ca_path().display(),
+"#
     );
-    let config = Config::from_toml(Path::new("egress.toml"), &text).expect("valid config");
-    bitbucket_auth_proxy::start(config)
-        .await
-        .expect("proxy starts")
+    start_config("egress.toml", &text).await
 }
 
 fn upstream(pki: &TestPki) -> MockUpstream {

@@ -3,16 +3,15 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use bitbucket_auth_proxy::Config;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use support::proxy::{config_head, start_config, toml_string};
 use support::*;
 
 const CLIENT_ID: &str = "AbCdEf";
@@ -127,17 +126,11 @@ async fn start_proxy_with(
     token_query: &str,
     extra: &str,
 ) -> bitbucket_auth_proxy::RunningProxy {
+    let api = api.base_url();
+    let upstream_lines = format!("git_url = {}\ntimeout = \"5s\"", toml_string(&api));
+    let head = config_head(&api, pki.ca_path(), &upstream_lines);
     let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstream]
-api_url = "{api}"
-git_url = "{api}"
-ca_file = "{ca}"
-timeout = "5s"
-
+        r#"{head}
 [credentials.ci-consumer]
 kind = "oauth_client_credentials"
 client_id = "{CLIENT_ID}"
@@ -155,14 +148,9 @@ upstream = "git"
 upstream_prefix = "/acme"
 credential = "ci-consumer"
 "#,
-        api = api.base_url(),
         tokens = tokens.mock.base_url(),
-        ca = pki.ca_path().display(),
     );
-    let config = Config::from_toml(Path::new("oauth.toml"), &text).expect("valid config");
-    bitbucket_auth_proxy::start(config)
-        .await
-        .expect("proxy starts")
+    start_config("oauth.toml", &text).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,14 +3,13 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bitbucket_auth_proxy::Config;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use support::proxy::{config_head, start_config};
 use support::*;
 
 /// Bitbucket with a budget of `budget` requests, then its own 429. With `reports`, answers
@@ -49,15 +48,9 @@ async fn start_proxy(
     upstream: &MockUpstream,
     rate_limit: &str,
 ) -> bitbucket_auth_proxy::RunningProxy {
+    let head = config_head(&upstream.base_url(), pki.ca_path(), "");
     let text = format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[upstream]
-api_url = "{base}"
-ca_file = "{ca}"
-
+        r#"{head}
 [credentials.acme-all]
 kind = "workspace_access_token"
 workspace = "acme"
@@ -67,14 +60,9 @@ token = {{ value = "t" }}
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "acme-all"
-"#,
-        base = upstream.base_url(),
-        ca = pki.ca_path().display(),
+"#
     );
-    let config = Config::from_toml(Path::new("rate.toml"), &text).expect("valid config");
-    bitbucket_auth_proxy::start(config)
-        .await
-        .expect("proxy starts")
+    start_config("rate.toml", &text).await
 }
 
 #[tokio::test]

@@ -185,6 +185,27 @@ impl Setup {
     }
 }
 
+/// The head of a test config: a loopback listener on a free port, and `[upstream]` pointing
+/// the API at `api_url`, trusting the test CA at `ca`. Tests append their `upstream_lines`
+/// (still in `[upstream]`), then their own credentials and routes.
+pub fn config_head(api_url: &str, ca: &Path, upstream_lines: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[upstream]\napi_url = {}\nca_file = {}\n{upstream_lines}\n",
+        toml_string(api_url),
+        toml_string(&ca.display().to_string()),
+    )
+}
+
+/// A proxy started in this test's runtime from config text; `name` is the file name its
+/// errors would carry.
+pub async fn start_config(name: &str, text: &str) -> RunningProxy {
+    let config = Config::from_toml(Path::new(name), text)
+        .unwrap_or_else(|e| panic!("invalid test config:\n{e}\n---\n{text}"));
+    bitbucket_auth_proxy::start(config)
+        .await
+        .expect("proxy starts")
+}
+
 /// A proxy running in this test's runtime; dropping it stops accepting.
 pub struct TestProxy {
     pub running: Option<RunningProxy>,
