@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use bitbucket_auth_proxy::error::REASON_HEADER;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use support::fleet::{self, Fleet, TOKEN, assert_no_secret, replica_config, store_lines};
 use support::redis::{RedisServer, Replica};
 use support::*;
-
-const TOKEN: &str = "ws-token-Qm7Zr4Kp9Xc2Vb8N";
 
 /// A mock Bitbucket answering every API request with `status`.
 fn bitbucket(status: StatusCode) -> MockUpstream {
@@ -37,80 +36,42 @@ fn bitbucket(status: StatusCode) -> MockUpstream {
 /// A replica's config: one workspace token (under `credential`), `rate_limit` if given, and
 /// `[store]` with `store_lines`.
 fn config(upstream: &MockUpstream, credential: &str, rate_limit: &str, store: &str) -> String {
-    let url = upstream.base_url();
-    format!(
-        r#"[upstream]
-api_url = "{url}"
-git_url = "{url}"
-timeout = "10s"
-
-[store]
-{store}
-
-[credentials.{credential}]
-kind = "workspace_access_token"
-workspace = "acme"
-token = {{ value = "{TOKEN}" }}
-{rate_limit}
-
-[[routes]]
-prefix = "/2.0/repositories/acme"
-credential = "{credential}"
-"#
-    )
+    let rest = format!(
+        "{}\n[[routes]]\nprefix = \"/2.0/repositories/acme\"\ncredential = \"{credential}\"\n",
+        fleet::credential(credential, TOKEN, rate_limit)
+    );
+    replica_config(&upstream.base_url(), store, &rest)
 }
 
-/// `url` and a timeout generous enough for a loaded CI machine.
-fn store_lines(redis: &RedisServer, on_error: &str) -> String {
-    format!(
-        "url = \"{}\"\ntimeout = \"500ms\"\nprefix = \"t16:\"\non_error = \"{on_error}\"",
-        redis.url()
-    )
-}
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    replicas: Vec<Replica>,
-    upstreams: Vec<MockUpstream>,
-}
-
-impl Fleet {
-    /// Three replicas, each with its own mock Bitbucket answering `statuses[i]`. The third
-    /// names the credential differently: the same token must still share one budget.
-    async fn start(
-        redis: &RedisServer,
-        statuses: [StatusCode; 3],
-        rate_limit: &str,
-        on_error: &str,
-    ) -> Fleet {
-        Fleet::start_with(&store_lines(redis, on_error), statuses, rate_limit).await
-    }
-
-    async fn start_with(store: &str, statuses: [StatusCode; 3], rate_limit: &str) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let mut replicas = Vec::new();
-        let mut upstreams = Vec::new();
-        for (i, status) in statuses.into_iter().enumerate() {
-            let upstream = bitbucket(status);
+/// Three replicas, each with its own mock Bitbucket (from `upstream(i)`). The third names the
+/// credential differently: the same token must still share one budget.
+async fn fleet_of(
+    store: &str,
+    rate_limit: &str,
+    upstream: impl Fn(usize) -> MockUpstream,
+) -> Fleet {
+    let upstreams: Vec<MockUpstream> = (0..3).map(upstream).collect();
+    let configs = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, up)| {
             let credential = if i == 2 { "fleet-token" } else { "ci" };
-            let text = config(&upstream, credential, rate_limit, store);
-            replicas.push(Replica::start(dir.path(), &format!("replica{i}"), &text).await);
-            upstreams.push(upstream);
-        }
-        Fleet {
-            _dir: dir,
-            replicas,
-            upstreams,
-        }
-    }
+            config(up, credential, rate_limit, store)
+        })
+        .collect();
+    Fleet::start(configs, upstreams).await
+}
 
-    fn addr(&self, i: usize) -> SocketAddr {
-        self.replicas[i].addr
-    }
-
-    fn upstream_requests(&self) -> usize {
-        self.upstreams.iter().map(MockUpstream::request_count).sum()
-    }
+async fn start_fleet(
+    redis: &RedisServer,
+    statuses: [StatusCode; 3],
+    rate_limit: &str,
+    on_error: &str,
+) -> Fleet {
+    fleet_of(&store_lines(redis, on_error), rate_limit, |i| {
+        bitbucket(statuses[i])
+    })
+    .await
 }
 
 const PATH: &str = "/2.0/repositories/acme/widgets/pullrequests";
@@ -141,42 +102,10 @@ async fn metrics(addr: SocketAddr) -> String {
     body_string(get(addr, "/-/metrics").await.into_body()).await
 }
 
-/// Neither the token nor anything made from it without a key is in any key or value.
-async fn assert_no_secret(redis: &RedisServer) {
-    use base64::Engine as _;
-    use sha2::Digest as _;
-    let dump = redis.dump().await;
-    assert!(!dump.is_empty(), "the store was used");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-token-auth:{TOKEN}"));
-    let sha = sha2::Sha256::digest(TOKEN.as_bytes());
-    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
-    let sha_bearer: String = sha2::Sha256::digest(format!("Bearer {TOKEN}").as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    for (key, values) in &dump {
-        for text in std::iter::once(key).chain(values) {
-            for needle in [
-                TOKEN,
-                &TOKEN[..12],
-                &basic,
-                &sha_hex[..16],
-                &sha_bearer[..16],
-                "Bearer",
-            ] {
-                assert!(
-                    !text.contains(needle),
-                    "the store holds secret material in {key}: {text}"
-                );
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_spend_one_budget_and_one_cool_down_with_no_secret_in_redis() {
     let redis = RedisServer::start().await;
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [StatusCode::OK; 3],
         "rate_limit = { per_hour = 10 }",
@@ -218,13 +147,13 @@ async fn three_replicas_spend_one_budget_and_one_cool_down_with_no_secret_in_red
                 .contains("bitbucket_auth_proxy_store_up 1")
         );
     }
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replicas_429_stops_the_other_two_at_once() {
     let redis = RedisServer::start().await;
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [
             StatusCode::TOO_MANY_REQUESTS,
@@ -273,14 +202,14 @@ async fn one_replicas_429_stops_the_other_two_at_once() {
             > 50,
         "{body}"
     );
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pace_and_its_burst_are_shared_too() {
     let redis = RedisServer::start().await;
     // One every 3 s, bursts of 3: the fleet gets 3 at once, not 3 each.
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [StatusCode::OK; 3],
         "rate_limit = { per_hour = 1200, burst = 3 }",
@@ -326,7 +255,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_local_keeps_serving_and_recovers_without_restart() {
     let mut redis = RedisServer::start().await;
-    let fleet = Fleet::start(&redis, [StatusCode::OK; 3], "", "local").await;
+    let fleet = start_fleet(&redis, [StatusCode::OK; 3], "", "local").await;
     for i in 0..3 {
         assert_eq!(status_and_reason(fleet.addr(i)).await.0, StatusCode::OK);
     }
@@ -374,13 +303,13 @@ async fn redis_killed_mid_run_local_keeps_serving_and_recovers_without_restart()
         dump.iter().any(|(key, _)| key.ends_with(":window")),
         "{dump:?}"
     );
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_refuse_answers_503_then_recovers() {
     let mut redis = RedisServer::start().await;
-    let fleet = Fleet::start(&redis, [StatusCode::OK; 3], "", "refuse").await;
+    let fleet = start_fleet(&redis, [StatusCode::OK; 3], "", "refuse").await;
     assert_eq!(status_and_reason(fleet.addr(0)).await.0, StatusCode::OK);
     redis.kill().await;
     let started = Instant::now();
@@ -480,10 +409,10 @@ async fn rediss_with_a_ca_file_and_a_password_shares_the_budget_and_refuses_a_wr
             ca.display()
         )
     };
-    let fleet = Fleet::start_with(
+    let fleet = fleet_of(
         &store(pki.ca_path(), "redis-pw-Hy6Lq3"),
-        [StatusCode::OK; 3],
         "rate_limit = { per_hour = 4 }",
+        |_| bitbucket(StatusCode::OK),
     )
     .await;
     let mut admitted = 0;

@@ -57,6 +57,8 @@ struct FlightState {
     end: Option<End>,
     handoff: Option<TimedBody<Incoming>>,
     wakers: Vec<Waker>,
+    /// Filled from the shared store: the entry's age then, and when.
+    stored: Option<(Duration, Instant)>,
 }
 
 impl FlightState {
@@ -205,6 +207,26 @@ impl Flight {
         };
         self.update(|state| state.end = Some(End::Complete));
         Filled::Complete(head, body)
+    }
+
+    /// Fills the flight with an entry another replica stored, `age` old: no upstream request.
+    pub fn fill_stored(&self, head: Arc<Head>, body: Bytes, age: Duration) {
+        self.update(|state| {
+            state.head = Some(Ok(head));
+            state.len = body.len();
+            if !body.is_empty() {
+                state.chunks.push(body);
+            }
+            state.end = Some(End::Complete);
+            state.stored = Some((age, Instant::now()));
+        });
+    }
+
+    /// How old the answer is now, if it came from the shared store rather than upstream.
+    pub fn stored_age(&self) -> Option<Duration> {
+        self.lock()
+            .stored
+            .map(|(age, filled)| age + filled.elapsed())
     }
 
     /// Waits until the answer can be given to this request.

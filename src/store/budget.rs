@@ -109,7 +109,7 @@ pub(crate) struct BudgetKeys {
     cool_down: Script,
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rustls::crypto::ring::default_provider()
         .secure_random
@@ -151,13 +151,29 @@ impl BudgetKeys {
         format!("{}salt", self.prefix)
     }
 
-    /// The key stem of the credential whose secret material is `identity`, under `salt`.
-    fn stem(&self, salt: &str, identity: &[u8]) -> String {
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The keyed fingerprint of the credential whose secret material is `identity`, under
+    /// `salt`: 32 hex digits.
+    fn keyed(salt: &str, identity: &[u8]) -> String {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(salt.as_bytes()).expect("HMAC takes keys of any length");
         mac.update(identity);
         let digest = mac.finalize().into_bytes();
-        format!("{}budget:{}", self.prefix, hex(&digest[..16]))
+        hex(&digest[..16])
+    }
+
+    /// The fingerprint under the salt this replica uses now (the store's, once a budget call
+    /// has run).
+    pub(super) fn fingerprint(&self, identity: &[u8]) -> String {
+        Self::keyed(&self.salt(), identity)
+    }
+
+    /// The key stem of the credential whose secret material is `identity`, under `salt`.
+    fn stem(&self, salt: &str, identity: &[u8]) -> String {
+        format!("{}budget:{}", self.prefix, Self::keyed(salt, identity))
     }
 }
 

@@ -1,17 +1,20 @@
 //! The shared store: a Redis server through which replicas holding the same credential share
 //! its budget and its 429 cool-down (docs/store.md). This module owns the connection, the
 //! store's health (down, slow, restarted empty) and the rule that no call waits longer than
-//! `store.timeout`; [`budget`] holds the server-side scripts and the credential fingerprints.
+//! `store.timeout`; [`budget`] holds the server-side scripts and the credential fingerprints,
+//! [`probe`] the one probe after a shared cool-down, [`cache`] the shared response-cache
+//! entries and their fill lock.
 //!
 //! Every call goes through [`Store::call`], which answers [`Unavailable`] at once while the
 //! store is known to be down, and lets one call through per backoff interval to find out
 //! whether it is back: the connection manager reconnects by itself, so recovery needs no
-//! restart. A response cache can add its own calls (get/put of entries) the same way.
+//! restart.
 //!
 //! Uses redis-rs, the config's [`StoreSettings`] and the metrics registry; knows nothing of
 //! HTTP or routes.
 
 pub mod budget;
+pub mod cache;
 pub mod metrics;
 
 use std::future::Future;
@@ -69,6 +72,7 @@ pub struct Store {
     metrics: StoreMetrics,
     /// Fingerprint keys and admission ids (see [`budget`]).
     pub(crate) budget: budget::BudgetKeys,
+    cache_scripts: cache::CacheScripts,
 }
 
 impl Store {
@@ -122,6 +126,7 @@ impl Store {
         Ok(Store {
             connection,
             budget: budget::BudgetKeys::new(&settings.prefix),
+            cache_scripts: cache::CacheScripts::new(),
             timeout: settings.timeout,
             on_error: settings.on_error,
             health: Mutex::new(Health {
@@ -132,6 +137,10 @@ impl Store {
             }),
             metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 
     pub fn on_error(&self) -> OnStoreError {
