@@ -7,6 +7,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bitbucket_auth_proxy::error::REASON_HEADER;
@@ -440,4 +442,147 @@ async fn rediss_with_a_ca_file_and_a_password_shares_the_budget_and_refuses_a_wr
         assert_eq!(body["store"]["state"], "down", "{name}: {body}");
         assert!(!body.to_string().contains("Hy6Lq3"), "{body}");
     }
+}
+
+/// One mock Bitbucket for the whole fleet that answers after `delay`: 429 with
+/// `Retry-After: 2` while `failing` holds, else 200; it notes when each request arrived.
+fn switchable(
+    delay: Duration,
+    failing: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+) -> MockUpstream {
+    MockUpstream::start_plain(move |_, _| {
+        arrivals.lock().unwrap().push(Instant::now());
+        let failing = failing.load(Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut response = Response::builder().header("x-upstream-marker", "bitbucket");
+            if failing {
+                response = response
+                    .status(StatusCode::TOO_MANY_REQUESTS)
+                    .header("retry-after", "2");
+            }
+            response.body(full_body("{}")).unwrap()
+        }
+    })
+}
+
+/// `n` requests at once, spread over the three replicas; their statuses and reasons.
+async fn burst(fleet: &Fleet, n: usize) -> Vec<(StatusCode, Option<String>)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(status_and_reason(fleet.addr(i % 3))))
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_shared_cool_down_one_probe_reaches_bitbucket_for_the_whole_fleet() {
+    let redis = RedisServer::start().await;
+    let failing = Arc::new(AtomicBool::new(true));
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let upstream = switchable(
+        Duration::from_millis(400),
+        failing.clone(),
+        arrivals.clone(),
+    );
+    let store = store_lines(&redis, "local");
+    let configs = ["ci", "ci", "fleet-token"]
+        .iter()
+        .map(|name| config(&upstream, name, "", &store))
+        .collect();
+    let fleet = Fleet::start(configs, vec![upstream]).await;
+    // Replica 0's request is answered 429: a 2 s cool-down for the fleet.
+    assert_eq!(
+        status_and_reason(fleet.addr(0)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Over: 9 requests at once on the three replicas. One probes, and is answered 429 again;
+    // the other 8 wait for its answer and are refused with the new cool-down.
+    let answers = burst(&fleet, 9).await;
+    assert_eq!(
+        fleet.upstream_requests(),
+        2,
+        "one probe for three replicas: {answers:?}"
+    );
+    let cooling = answers
+        .iter()
+        .filter(|(s, r)| {
+            *s == StatusCode::TOO_MANY_REQUESTS && r.as_deref() == Some("cooling-down")
+        })
+        .count();
+    assert_eq!(cooling, 8, "{answers:?}");
+    assert!(
+        fleet
+            .metric("bitbucket_auth_proxy_store_probe_waits_total")
+            .await
+            >= 2
+    );
+    // Bitbucket recovers. After the new cool-down, again one probe first; the others go once
+    // it is answered, not beside it.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    arrivals.lock().unwrap().clear();
+    let answers = burst(&fleet, 9).await;
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::OK),
+        "{answers:?}"
+    );
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 9);
+    assert!(
+        arrivals[1] - arrivals[0] >= Duration::from_millis(350),
+        "the second request reached Bitbucket {:?} after the probe",
+        arrivals[1] - arrivals[0]
+    );
+    assert_no_secret(&redis, &[TOKEN]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_bitbucket_reports_to_one_replica_paces_the_others() {
+    let redis = RedisServer::start().await;
+    // Only replica 0's Bitbucket sends X-RateLimit-Limit: 4 (an hour's budget of 4).
+    let fleet = fleet_of(
+        &store_lines(&redis, "local"),
+        "rate_limit = { per_hour = 1000, burst = 1000 }",
+        |i| {
+            MockUpstream::start_plain_simple(move |_| {
+                let mut response = Response::new(Full::from("{}"));
+                if i == 0 {
+                    let limit = "4".parse().unwrap();
+                    response.headers_mut().insert("x-ratelimit-limit", limit);
+                }
+                response
+            })
+        },
+    )
+    .await;
+    assert_eq!(status_and_reason(fleet.addr(0)).await.0, StatusCode::OK);
+    // Replica 1 never saw the header; it learns the figure from the store on its first
+    // admission and holds the fleet to 4: three more, then rate-limited.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(status_and_reason(fleet.addr(1)).await);
+    }
+    let ok = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    assert_eq!(ok, 3, "{answers:?}");
+    assert!(
+        answers[3..]
+            .iter()
+            .all(|(s, r)| *s == StatusCode::TOO_MANY_REQUESTS
+                && r.as_deref() == Some("rate-limited")),
+        "{answers:?}"
+    );
+    assert_eq!(fleet.upstream_requests(), 4);
+    let dump = redis.dump().await;
+    assert!(
+        dump.iter()
+            .any(|(key, values)| key.ends_with(":reported") && values.contains(&"4,,".to_owned())),
+        "{dump:?}"
+    );
+    assert_no_secret(&redis, &[TOKEN]).await;
 }

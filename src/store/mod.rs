@@ -2,8 +2,8 @@
 //! its budget and its 429 cool-down (docs/store.md). This module owns the connection, the
 //! store's health (down, slow, restarted empty) and the rule that no call waits longer than
 //! `store.timeout`; [`budget`] holds the server-side scripts and the credential fingerprints,
-//! [`probe`] the one probe after a shared cool-down, [`cache`] the shared response-cache
-//! entries and their fill lock.
+//! [`probe`] the one probe after a shared cool-down, [`reports`] Bitbucket's figures shared
+//! between replicas, [`cache`] the shared response-cache entries and their fill lock.
 //!
 //! Every call goes through [`Store::call`], which answers [`Unavailable`] at once while the
 //! store is known to be down, and lets one call through per backoff interval to find out
@@ -16,6 +16,8 @@
 pub mod budget;
 pub mod cache;
 pub mod metrics;
+pub mod probe;
+pub mod reports;
 
 use std::future::Future;
 use std::sync::Mutex;
