@@ -305,8 +305,15 @@ fn decode_head(meta: &[u8], body_len: usize) -> Option<Head> {
             HeaderValue::from_bytes(&line[colon + 1..]).ok()?,
         );
     }
-    // Only what the in-process store would keep comes back: a whole, shareable 200.
-    if !policy::storable(status, &headers) {
+    // Only what the in-process store would keep comes back: a whole, shareable 200, with no
+    // header that could frame or route the response differently from the stored body (an entry
+    // is data from another process, so it is checked like an upstream answer).
+    crate::headers::sanitize_response(&mut headers);
+    let length_matches = headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .all(|v| v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()) == Some(body_len));
+    if !policy::storable(status, &headers) || !length_matches {
         return None;
     }
     Some(Head {
@@ -346,6 +353,18 @@ mod tests {
         let decoded = decode_head(&encode_head(&head), 2).unwrap();
         assert_eq!(decoded.status, StatusCode::OK);
         assert_eq!(decoded.headers, head.headers);
+        let mut framed = encode_head(&head);
+        framed.extend_from_slice(b"\ncontent-length:3");
+        assert!(
+            decode_head(&framed, 2).is_none(),
+            "a length that is not the body's"
+        );
+        assert!(decode_head(&framed, 3).is_some());
+        let mut hop = encode_head(&head);
+        hop.extend_from_slice(b"\ntransfer-encoding:chunked\nconnection:x-multi");
+        let cleaned = decode_head(&hop, 2).unwrap();
+        assert!(cleaned.headers.get("transfer-encoding").is_none());
+        assert!(cleaned.headers.get("x-multi").is_none());
         for bad in [
             &b""[..],
             b"v2 200",
