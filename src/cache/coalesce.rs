@@ -59,6 +59,9 @@ struct FlightState {
     wakers: Vec<Waker>,
     /// Filled from the shared store: the entry's age then, and when.
     stored: Option<(Duration, Instant)>,
+    /// When the upstream request went out, if later than the flight began (its leader first
+    /// waited for another replica's fill lock).
+    sent_at: Option<Instant>,
 }
 
 impl FlightState {
@@ -73,9 +76,9 @@ impl FlightState {
 pub struct Flight {
     state: Mutex<FlightState>,
     cap: usize,
-    /// When the upstream request went out: ages are counted from here, so no answer is
-    /// reported younger than it is.
-    pub sent_at: Instant,
+    /// When the flight began: the upstream request went out then or later
+    /// ([`Flight::sent_at`]).
+    began: Instant,
 }
 
 /// What a waiting request gets once the answer can be given to it.
@@ -99,7 +102,7 @@ impl Flight {
         Arc::new(Flight {
             state: Mutex::new(FlightState::default()),
             cap,
-            sent_at: Instant::now(),
+            began: Instant::now(),
         })
     }
 
@@ -207,6 +210,17 @@ impl Flight {
         };
         self.update(|state| state.end = Some(End::Complete));
         Filled::Complete(head, body)
+    }
+
+    /// When the upstream request went out: ages are counted from here, so no answer is
+    /// reported younger than it is.
+    pub fn sent_at(&self) -> Instant {
+        self.lock().sent_at.unwrap_or(self.began)
+    }
+
+    /// The upstream request goes out now (after a wait that is no part of the answer's age).
+    pub fn mark_sent(&self) {
+        self.lock().sent_at = Some(Instant::now());
     }
 
     /// Fills the flight with an entry another replica stored, `age` old: no upstream request.

@@ -371,7 +371,7 @@ impl Cache {
                             .inc();
                         CacheStatus::Coalesced
                     };
-                    let age = upstream_age(&head.headers) + flight.sent_at.elapsed();
+                    let age = upstream_age(&head.headers) + flight.sent_at().elapsed();
                     let body = flight.body(&head, owner);
                     let mut response = respond_with(client, &head, body, status, age, None, None);
                     if owner && let Some(upstream) = &head.upstream {
@@ -461,18 +461,21 @@ impl Cache {
                     cache.keep(&key, head, body, since, started, scope, Some(place));
                 }
             } else {
+                if shared.is_some() {
+                    flight.mark_sent();
+                }
                 let answer = fetch(request).await;
                 let filled = flight.fill(answer, idle).await;
                 if let (true, Filled::Complete(head, body)) = (keep, filled) {
                     let age = upstream_age(&head.headers);
-                    let since = (flight.sent_at, age);
+                    let since = (flight.sent_at(), age);
                     let place = claim.as_ref().map(|c| (c.key.clone(), c.gens.clone()));
                     let (head_kept, body_kept) = (head.clone(), body.clone());
                     let kept = cache.keep(&key, head_kept, body_kept, since, started, scope, place);
                     if let (true, Some((shared, _, freshness)), Some(taken)) =
                         (kept, &shared, claim.take())
                     {
-                        let age = age + flight.sent_at.elapsed();
+                        let age = age + flight.sent_at().elapsed();
                         shared.put(taken, &head, &body, age, *freshness, cap).await;
                     }
                 }
