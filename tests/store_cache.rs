@@ -22,28 +22,40 @@ use support::*;
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// The fleet's one mock Bitbucket: a GET is answered after `delay` with a body naming the
-/// request's number and which of the two tokens it carried (never the token itself); anything
-/// else with 201.
+/// request's number and which of the two tokens it carried (never the token itself), padded to
+/// 4000 bytes when the query has `big=1`, and answered 503 the first time a query with
+/// `fail-first=1` arrives; anything else with 201.
 fn bitbucket(delay: Duration) -> MockUpstream {
     let served = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     MockUpstream::start_plain(move |head, _body| {
         let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail =
+            head.uri.contains("fail-first=1") && failed.lock().unwrap().insert(head.uri.clone());
         async move {
             let who = match head.header("authorization") {
                 Some(v) if v == bearer(TOKEN) => "x",
                 Some(v) if v == bearer(OTHER_TOKEN) => "y",
                 _ => "unknown",
             };
-            let status = if head.method == http::Method::GET {
-                tokio::time::sleep(delay).await;
-                StatusCode::OK
-            } else {
+            let status = if head.method != http::Method::GET {
                 StatusCode::CREATED
+            } else {
+                tokio::time::sleep(delay).await;
+                if fail {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                }
             };
+            let mut body = format!(r#"{{"n":{n},"credential":"{who}"}}"#);
+            if head.uri.contains("big=1") {
+                body = format!("{body:<4000}");
+            }
             Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
-                .body(full_body(format!(r#"{{"n":{n},"credential":"{who}"}}"#)))
+                .body(full_body(body))
                 .unwrap()
         }
     })
@@ -59,6 +71,7 @@ async fn fleet(redis: &RedisServer, delay: Duration) -> Fleet {
         credential("y", OTHER_TOKEN, ""),
         route("/x", "x", cache),
         route("/y", "y", cache),
+        "[cache]\nmax_entry_bytes = 2048\n".to_owned(),
     ]
     .join("\n");
     let store = store_lines(redis, "local");
@@ -355,5 +368,79 @@ async fn with_redis_down_cache_reads_fall_back_to_each_replicas_own_cache() {
     assert!(
         shared,
         "the replicas share entries again after Redis came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fill_releases_the_lock_at_once_and_a_waiter_fetches_instead() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let addr = fleet.addr(i);
+            tokio::spawn(async move { fetch(addr, "/x/widgets/pullrequests?fail-first=1").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        statuses.push((answer.status, answer.cache));
+    }
+    let elapsed = started.elapsed();
+    statuses.sort();
+    if fleet
+        .metric("bitbucket_auth_proxy_store_errors_total")
+        .await
+        == 0
+    {
+        // The lock holder's 503 is not stored and frees the lock at once: one waiter takes it
+        // and fetches, the other gets its entry. Nobody waited out the lock's 5 s.
+        assert_eq!(fleet.upstream_requests(), 2, "{statuses:?}");
+        assert_eq!(
+            statuses,
+            [
+                (StatusCode::OK, "bitbucket-auth-proxy; fwd=miss".to_owned()),
+                (StatusCode::OK, SHARED.to_owned()),
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bitbucket-auth-proxy; fwd=miss".to_owned()
+                ),
+            ]
+        );
+    }
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "{elapsed:?}: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_entry_bytes_never_reach_the_store() {
+    let redis = RedisServer::start().await;
+    let fleet = fleet(&redis, Duration::ZERO).await;
+    let path = "/x/widgets/pullrequests?big=1";
+    let first = fetch(fleet.addr(0), path).await;
+    assert_eq!((first.status, first.body.len()), (StatusCode::OK, 4000));
+    let started = std::time::Instant::now();
+    let second = fetch(fleet.addr(1), path).await;
+    assert_eq!(second.cache, "bitbucket-auth-proxy; fwd=miss", "not shared");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the fill lock was released"
+    );
+    assert_eq!(fleet.upstream_requests(), 2);
+    let dump = redis.dump().await;
+    assert!(
+        !dump
+            .iter()
+            .any(|(key, _)| key.starts_with("t16:cache:") && !key.starts_with("t16:cache:gen:")),
+        "{dump:?}"
+    );
+    assert_eq!(
+        fleet
+            .metric("bitbucket_auth_proxy_store_cache_stored_total")
+            .await,
+        0
     );
 }
