@@ -21,6 +21,7 @@
 pub mod cooldown;
 pub mod metrics;
 pub mod reported;
+mod shared_reports;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,7 +34,7 @@ use crate::credentials::{Credential, RateLimit};
 use crate::error::ProxyError;
 use crate::governor::{Admission, DEFAULT_PER_HOUR, Governor, Pace, Refusal, Rules};
 use crate::store::Store;
-use crate::store::budget::{Policy, SharedAdmission, SharedReports, Verdict};
+use crate::store::budget::{Policy, SharedAdmission, Verdict};
 use crate::store::probe::ProbeClaim;
 use cooldown::{Cooldown, CooldownStatus, Gate, ceil_seconds};
 use metrics::CredentialMetrics;
@@ -64,8 +65,6 @@ enum Attempt {
 
 /// The longest pause between two looks at the store while another replica's probe is out.
 const PROBE_POLL_MAX: Duration = Duration::from_millis(250);
-/// How often an unchanged report is stored again for the other replicas.
-const REPORT_RESHARE: Duration = Duration::from_secs(60);
 
 pub struct CredentialBudget {
     name: Arc<str>,
@@ -240,37 +239,6 @@ impl CredentialBudget {
             }
             Err(refusal) => Attempt::Refused(refusal),
         })
-    }
-
-    /// Records what Bitbucket reported to other replicas, so this one paces with the same
-    /// figures (takes effect from the next admission).
-    fn adopt_reports(&self, now: Instant, reports: &SharedReports) {
-        for (resource, figures) in reports {
-            if let Some(report) = Report::from_shared(resource, figures) {
-                self.governor.record_report(now, &report);
-            }
-        }
-    }
-
-    /// Stores a report for the other replicas, unless the same one was stored lately.
-    async fn share_report(&self, shared: &Shared, report: &Report, now: Instant) {
-        {
-            let mut last = self.shared_report.lock().unwrap_or_else(|p| p.into_inner());
-            if last
-                .as_ref()
-                .is_some_and(|(same, at)| same == report && now < *at + REPORT_RESHARE)
-            {
-                return;
-            }
-            *last = Some((report.clone(), now));
-        }
-        let identity = shared.credential.budget_identity();
-        let figures = report.shared_figures();
-        // Unavailable: the others keep their own figures until the next report.
-        let _ = shared
-            .store
-            .share_report(identity, &report.resource, &figures)
-            .await;
     }
 
     fn cooling_down(&self, wait: Duration) -> ProxyError {

@@ -225,34 +225,6 @@ impl Cache {
         }
     }
 
-    /// [`Self::stored`], less a copy that a write through another replica made stale (with
-    /// `[store]`; one bounded call to compare its generations).
-    async fn stored_current(
-        &self,
-        client: &Client<'_>,
-        lookup: &Lookup,
-        now: Instant,
-    ) -> Option<Result<Arc<Entry>, Arc<Entry>>> {
-        let found = self.stored(client, lookup, now)?;
-        let entry = match &found {
-            Ok(entry) | Err(entry) => entry,
-        };
-        if let (Some(shared), Some((key, gens))) = (&self.shared, &entry.shared)
-            && !shared.current(key, gens).await
-        {
-            let mut store = lock(&self.store);
-            // Only this copy: another request may have stored a newer one meanwhile.
-            if store
-                .peek(&lookup.key)
-                .is_some_and(|held| Arc::ptr_eq(&held, entry))
-            {
-                store.remove(&lookup.key);
-            }
-            return None;
-        }
-        Some(found)
-    }
-
     /// After the governor refused a request: a fresh entry answers it anyway (it costs no
     /// budget), and a stale one when the route allows `stale_if_error` for this refusal.
     pub async fn answer_refusal(

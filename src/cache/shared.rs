@@ -17,11 +17,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::Client;
 use super::coalesce::Head;
 use super::key::Key;
 use super::policy::{self, Freshness};
+use super::store::Entry;
 use super::writes::Write;
+use super::{Cache, Client, Lookup, lock};
 use crate::store::Store;
 use crate::store::cache::{Fill, Found, Looked, SharedKey};
 
@@ -230,6 +231,36 @@ impl SharedCache {
         {
             self.store.metrics().cache_fallbacks.inc();
         }
+    }
+}
+
+impl Cache {
+    /// [`Self::stored`], less a copy that a write through another replica made stale (with
+    /// `[store]`; one bounded call to compare its generations).
+    pub(super) async fn stored_current(
+        &self,
+        client: &Client<'_>,
+        lookup: &Lookup,
+        now: std::time::Instant,
+    ) -> Option<Result<Arc<Entry>, Arc<Entry>>> {
+        let found = self.stored(client, lookup, now)?;
+        let entry = match &found {
+            Ok(entry) | Err(entry) => entry,
+        };
+        if let (Some(shared), Some((key, gens))) = (&self.shared, &entry.shared)
+            && !shared.current(key, gens).await
+        {
+            let mut store = lock(&self.store);
+            // Only this copy: another request may have stored a newer one meanwhile.
+            if store
+                .peek(&lookup.key)
+                .is_some_and(|held| Arc::ptr_eq(&held, entry))
+            {
+                store.remove(&lookup.key);
+            }
+            return None;
+        }
+        Some(found)
     }
 }
 
