@@ -64,10 +64,15 @@ fn bitbucket(delay: Duration) -> MockUpstream {
 /// Three replicas on one mock: route `/x` with the credential holding [`TOKEN`], route `/y`
 /// with [`OTHER_TOKEN`], both onto `/2.0/repositories/acme` with a 60 s `max_age`.
 async fn fleet(redis: &RedisServer, delay: Duration) -> Fleet {
+    fleet_with(redis, delay, "").await
+}
+
+/// [`fleet`], with `x_extra` lines (`rate_limit = ...`) on credential `x`.
+async fn fleet_with(redis: &RedisServer, delay: Duration, x_extra: &str) -> Fleet {
     let upstream = bitbucket(delay);
     let cache = "cache = { max_age = \"60s\" }";
     let rest = [
-        credential("x", TOKEN, ""),
+        credential("x", TOKEN, x_extra),
         credential("y", OTHER_TOKEN, ""),
         route("/x", "x", cache),
         route("/y", "y", cache),
@@ -463,4 +468,25 @@ async fn bodies_over_max_entry_bytes_never_reach_the_store() {
             .await,
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_answers_a_request_the_fleets_budget_refuses() {
+    let redis = RedisServer::start().await;
+    // One request an hour for the whole fleet.
+    let fleet = fleet_with(&redis, Duration::ZERO, "rate_limit = { per_hour = 1 }").await;
+    let path = "/x/widgets/pullrequests";
+    let first = fetch(fleet.addr(0), path).await;
+    assert_eq!(first.cache, "bitbucket-auth-proxy; fwd=miss");
+    // Replica 1's budget is spent by replica 0's request; the entry costs none.
+    let shared = fetch(fleet.addr(1), path).await;
+    assert_eq!(
+        (shared.status, shared.cache.as_str(), shared.body.as_str()),
+        (StatusCode::OK, SHARED, first.body.as_str())
+    );
+    // And now from its own memory.
+    assert_eq!(fetch(fleet.addr(1), path).await.cache, HIT);
+    let other = fetch(fleet.addr(2), "/x/widgets/pullrequests?page=2").await;
+    assert_eq!(other.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(fleet.upstream_requests(), 1);
 }

@@ -226,7 +226,8 @@ impl Cache {
     }
 
     /// After the governor refused a request: a fresh entry answers it anyway (it costs no
-    /// budget), and a stale one when the route allows `stale_if_error` for this refusal.
+    /// budget), here or in the shared store, and a stale one of this replica's when the route
+    /// allows `stale_if_error` for this refusal.
     pub async fn answer_refusal(
         &self,
         client: &Client<'_>,
@@ -234,7 +235,11 @@ impl Cache {
         refusal: &ProxyError,
     ) -> Option<Response<ProxyBody>> {
         let now = Instant::now();
-        match self.stored_current(client, lookup, now).await? {
+        let Some(stored) = self.stored_current(client, lookup, now).await else {
+            // Not here: another replica may have it (with `[store]`).
+            return self.shared_answer(client, lookup).await;
+        };
+        match stored {
             Ok(entry) if lookup.directives.read_store => {
                 Some(self.entry_response(client, lookup, &entry, CacheStatus::Hit, None, now))
             }

@@ -22,9 +22,11 @@ use super::key::Key;
 use super::policy::{self, Freshness};
 use super::store::Entry;
 use super::writes::Write;
-use super::{Cache, Client, Lookup, lock};
+use super::{Cache, CacheStatus, Client, Lookup, lock, respond_with};
+use crate::body::ProxyBody;
 use crate::store::Store;
 use crate::store::cache::{Fill, Found, Looked, SharedKey};
+use http::Response;
 
 /// How long a fill lock holds before it lapses by itself (a replica that died mid-fetch).
 pub const FILL_LOCK_TTL: Duration = Duration::from_secs(5);
@@ -235,6 +237,71 @@ impl SharedCache {
 }
 
 impl Cache {
+    /// A fresh entry in the shared store for a request the budget refused: it costs no budget,
+    /// so it answers (and fills this replica's memory). No fill lock is taken; one held by
+    /// another replica is waited for as on a miss.
+    pub(super) async fn shared_answer(
+        &self,
+        client: &Client<'_>,
+        lookup: &Lookup,
+    ) -> Option<Response<ProxyBody>> {
+        let (shared, freshness) = (self.shared.as_ref()?, lookup.freshness?);
+        if !lookup.directives.read_store {
+            return None;
+        }
+        let started = lock(&self.epochs).seq;
+        let key = shared.key(client, &lookup.key, lookup.scope.as_deref());
+        // An entry being filled by another replica is worth the wait a miss would make.
+        let wait_max = FILL_LOCK_TTL.min(client.generation.config.upstream.timeout);
+        let found = shared
+            .obtain(key.clone(), true, false, freshness, wait_max)
+            .await;
+        let Obtained::Hit {
+            head,
+            body,
+            age,
+            gens,
+        } = found
+        else {
+            return None;
+        };
+        client
+            .metrics
+            .cache
+            .hits
+            .get_or_create(&client.labels())
+            .inc();
+        if lookup.directives.write_store {
+            let since = (std::time::Instant::now(), age);
+            let place = Some((key, gens));
+            let scope = lookup.scope.clone();
+            let (kept_head, kept_body) = (head.clone(), body.clone());
+            self.keep(
+                &lookup.key,
+                kept_head,
+                kept_body,
+                since,
+                started,
+                scope,
+                place,
+            );
+        }
+        let ttl = match freshness {
+            Freshness::MaxAge(max_age) => Some(max_age.saturating_sub(age)),
+            Freshness::Immutable => None,
+        };
+        let body = crate::body::LocalBody::new(body);
+        Some(respond_with(
+            client,
+            &head,
+            body,
+            CacheStatus::Shared,
+            age,
+            ttl,
+            None,
+        ))
+    }
+
     /// [`Self::stored`], less a copy that a write through another replica made stale (with
     /// `[store]`; one bounded call to compare its generations).
     pub(super) async fn stored_current(
