@@ -212,6 +212,12 @@ impl Flight {
         Filled::Complete(head, body)
     }
 
+    /// Whether the answer has ended (or failed): nothing is in flight any more.
+    pub fn ended(&self) -> bool {
+        let state = self.lock();
+        state.end.is_some() || matches!(state.head, Some(Err(_)))
+    }
+
     /// When the upstream request went out: ages are counted from here, so no answer is
     /// reported younger than it is.
     pub fn sent_at(&self) -> Instant {

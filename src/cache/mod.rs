@@ -286,7 +286,9 @@ impl Cache {
             let (flight, owner) = {
                 let mut flights = lock(&self.flights);
                 match flights.get(&lookup.key) {
-                    Some(flight) if !alone => (flight.clone(), false),
+                    // A flight that has ended but is not yet out of the table (its task is still
+                    // storing the answer) fetched before this request came: not joined.
+                    Some(flight) if !alone && !flight.ended() => (flight.clone(), false),
                     _ => {
                         let flight = Flight::new(self.cap());
                         if !alone {
