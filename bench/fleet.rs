@@ -12,6 +12,12 @@
 //!
 //! Everything runs on 127.0.0.1 in this process: the mock (plain HTTP), the proxy (started
 //! from a config written here), and the jobs (one pooled HTTP/1.1 client).
+//!
+//! Issue 16 adds two fleet modes: `--replicas` (3) proxies with microcaching, the jobs spread
+//! over them, first each on its own, then sharing a real `redis-server` through `[store]`
+//! (shared cache, fill lock, one budget). Skipped when redis-server is not installed.
+
+mod store_support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +45,7 @@ struct Trace {
     work: Duration,
     rtt: Duration,
     max_age: Duration,
+    replicas: usize,
 }
 
 /// The mock Bitbucket: counts what it is asked, by kind.
@@ -164,6 +171,10 @@ enum Mode {
     Direct,
     Defaults,
     Microcaching,
+    /// `replicas` proxies with max_age, each with its own cache and budget.
+    Replicas,
+    /// The same, sharing one Redis through `[store]`.
+    SharedStore,
 }
 
 impl Mode {
@@ -172,6 +183,8 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Defaults => "proxy, defaults",
             Mode::Microcaching => "proxy, max_age",
+            Mode::Replicas => "3 replicas, max_age",
+            Mode::SharedStore => "3 replicas, max_age, [store]",
         }
     }
 }
@@ -179,6 +192,7 @@ impl Mode {
 async fn start_proxy(
     upstream: SocketAddr,
     max_age: Option<Duration>,
+    store: &str,
 ) -> bitbucket_auth_proxy::RunningProxy {
     let cache = max_age.map_or(String::new(), |age| {
         format!("cache = {{ max_age = \"{}ms\" }}", age.as_millis())
@@ -201,6 +215,8 @@ token = {{ value = "{TOKEN}" }}
 prefix = "/2.0/repositories/acme"
 credential = "fleet"
 {cache}
+
+{store}
 "#
     );
     let config = bitbucket_auth_proxy::Config::from_toml(Path::new("fleet.toml"), &text)
@@ -236,15 +252,26 @@ fn spread(seed: u64, n: usize, span: Duration) -> Duration {
     span.mul_f64((x % 10_000) as f64 / 10_000.0)
 }
 
-async fn run(mode: Mode, trace: Trace) -> Run {
+async fn run(mode: Mode, trace: Trace, store: &str) -> Run {
     let started = Instant::now();
     let (mock, upstream) = start_mock(&trace, started).await;
-    let proxy = match mode {
-        Mode::Direct => None,
-        Mode::Defaults => Some(start_proxy(upstream, None).await),
-        Mode::Microcaching => Some(start_proxy(upstream, Some(trace.max_age)).await),
+    let mut proxies = Vec::new();
+    match mode {
+        Mode::Direct => {}
+        Mode::Defaults => proxies.push(start_proxy(upstream, None, "").await),
+        Mode::Microcaching => proxies.push(start_proxy(upstream, Some(trace.max_age), "").await),
+        Mode::Replicas | Mode::SharedStore => {
+            let store = if mode == Mode::SharedStore { store } else { "" };
+            for _ in 0..trace.replicas {
+                proxies.push(start_proxy(upstream, Some(trace.max_age), store).await);
+            }
+        }
+    }
+    let targets: Vec<SocketAddr> = if proxies.is_empty() {
+        vec![upstream]
+    } else {
+        proxies.iter().map(|p| p.local_addrs()[0]).collect()
     };
-    let target = proxy.as_ref().map_or(upstream, |p| p.local_addrs()[0]);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
         .build_http();
@@ -255,6 +282,7 @@ async fn run(mode: Mode, trace: Trace) -> Run {
         .map(|job| {
             let (client, samples, posts, mock) =
                 (client.clone(), samples.clone(), posts.clone(), mock.clone());
+            let target = targets[job % targets.len()];
             tokio::spawn(async move {
                 tokio::time::sleep(spread(1, job, trace.spread)).await;
                 let repo = "/2.0/repositories/acme/widgets";
@@ -340,7 +368,7 @@ async fn run(mode: Mode, trace: Trace) -> Run {
         job.await.expect("job");
     }
     let wall = begin.elapsed();
-    if let Some(proxy) = proxy {
+    for proxy in proxies {
         proxy.shutdown(Duration::from_secs(5)).await;
     }
     let samples = std::mem::take(&mut *samples.lock().unwrap());
@@ -387,19 +415,43 @@ fn main() {
         work: duration("--work", "3s"),
         rtt: duration("--rtt", "40ms"),
         max_age: duration("--max-age", "5s"),
+        replicas: number("--replicas", 3).max(1),
     };
+    let redis = store_support::Redis::start();
+    let store = redis.as_ref().map_or(String::new(), |r| r.store_table());
+    let mut modes = vec![
+        Mode::Direct,
+        Mode::Defaults,
+        Mode::Microcaching,
+        Mode::Replicas,
+    ];
+    if redis.is_some() {
+        modes.push(Mode::SharedStore);
+    } else {
+        println!(
+            "{} missing: the [store] mode is skipped\n",
+            store_support::REDIS_SERVER
+        );
+    }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     println!(
-        "fleet: {} jobs, {} pull requests, {} files each, started within {:?}, {:?} of work, upstream RTT {:?}, max_age {:?}\n",
-        trace.jobs, trace.prs, trace.files, trace.spread, trace.work, trace.rtt, trace.max_age
+        "fleet: {} jobs, {} pull requests, {} files each, started within {:?}, {:?} of work, upstream RTT {:?}, max_age {:?}, {} replicas in the fleet modes\n",
+        trace.jobs,
+        trace.prs,
+        trace.files,
+        trace.spread,
+        trace.work,
+        trace.rtt,
+        trace.max_age,
+        trace.replicas
     );
     println!(
         "| mode | client requests | upstream requests | upstream per client request | p50 ms | p95 ms | max ms | oldest mutable answer ms | lists older than a post | wall s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut kinds = Vec::new();
-    for mode in [Mode::Direct, Mode::Defaults, Mode::Microcaching] {
-        let result = runtime.block_on(run(mode, trace));
+    for &mode in &modes {
+        let result = runtime.block_on(run(mode, trace, &store));
         let mut latencies: Vec<Duration> = result.samples.iter().map(|s| s.latency).collect();
         latencies.sort();
         let oldest = result
@@ -428,14 +480,15 @@ fn main() {
             outdated,
             result.wall.as_secs_f64()
         );
-        if mode == Mode::Microcaching && oldest > trace.max_age + trace.rtt {
+        if mode != Mode::Direct && mode != Mode::Defaults && oldest > trace.max_age + trace.rtt {
             println!("\nFAIL: an answer was {} ms old, past max_age", ms(oldest));
         }
         kinds.push((mode, result.by_kind));
     }
     println!("\nUpstream requests by kind:\n");
-    println!("| kind | direct | proxy, defaults | proxy, max_age |");
-    println!("|---|---|---|---|");
+    let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+    println!("| kind | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(names.len()));
     let names: std::collections::BTreeSet<&str> =
         kinds.iter().flat_map(|(_, k)| k.keys().copied()).collect();
     for name in names {

@@ -7,15 +7,16 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bitbucket_auth_proxy::error::REASON_HEADER;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use support::fleet::{self, Fleet, TOKEN, assert_no_secret, replica_config, store_lines};
 use support::redis::{RedisServer, Replica};
 use support::*;
-
-const TOKEN: &str = "ws-token-Qm7Zr4Kp9Xc2Vb8N";
 
 /// A mock Bitbucket answering every API request with `status`.
 fn bitbucket(status: StatusCode) -> MockUpstream {
@@ -37,80 +38,42 @@ fn bitbucket(status: StatusCode) -> MockUpstream {
 /// A replica's config: one workspace token (under `credential`), `rate_limit` if given, and
 /// `[store]` with `store_lines`.
 fn config(upstream: &MockUpstream, credential: &str, rate_limit: &str, store: &str) -> String {
-    let url = upstream.base_url();
-    format!(
-        r#"[upstream]
-api_url = "{url}"
-git_url = "{url}"
-timeout = "10s"
-
-[store]
-{store}
-
-[credentials.{credential}]
-kind = "workspace_access_token"
-workspace = "acme"
-token = {{ value = "{TOKEN}" }}
-{rate_limit}
-
-[[routes]]
-prefix = "/2.0/repositories/acme"
-credential = "{credential}"
-"#
-    )
+    let rest = format!(
+        "{}\n[[routes]]\nprefix = \"/2.0/repositories/acme\"\ncredential = \"{credential}\"\n",
+        fleet::credential(credential, TOKEN, rate_limit)
+    );
+    replica_config(&upstream.base_url(), store, &rest)
 }
 
-/// `url` and a timeout generous enough for a loaded CI machine.
-fn store_lines(redis: &RedisServer, on_error: &str) -> String {
-    format!(
-        "url = \"{}\"\ntimeout = \"500ms\"\nprefix = \"t16:\"\non_error = \"{on_error}\"",
-        redis.url()
-    )
-}
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    replicas: Vec<Replica>,
-    upstreams: Vec<MockUpstream>,
-}
-
-impl Fleet {
-    /// Three replicas, each with its own mock Bitbucket answering `statuses[i]`. The third
-    /// names the credential differently: the same token must still share one budget.
-    async fn start(
-        redis: &RedisServer,
-        statuses: [StatusCode; 3],
-        rate_limit: &str,
-        on_error: &str,
-    ) -> Fleet {
-        Fleet::start_with(&store_lines(redis, on_error), statuses, rate_limit).await
-    }
-
-    async fn start_with(store: &str, statuses: [StatusCode; 3], rate_limit: &str) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let mut replicas = Vec::new();
-        let mut upstreams = Vec::new();
-        for (i, status) in statuses.into_iter().enumerate() {
-            let upstream = bitbucket(status);
+/// Three replicas, each with its own mock Bitbucket (from `upstream(i)`). The third names the
+/// credential differently: the same token must still share one budget.
+async fn fleet_of(
+    store: &str,
+    rate_limit: &str,
+    upstream: impl Fn(usize) -> MockUpstream,
+) -> Fleet {
+    let upstreams: Vec<MockUpstream> = (0..3).map(upstream).collect();
+    let configs = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, up)| {
             let credential = if i == 2 { "fleet-token" } else { "ci" };
-            let text = config(&upstream, credential, rate_limit, store);
-            replicas.push(Replica::start(dir.path(), &format!("replica{i}"), &text).await);
-            upstreams.push(upstream);
-        }
-        Fleet {
-            _dir: dir,
-            replicas,
-            upstreams,
-        }
-    }
+            config(up, credential, rate_limit, store)
+        })
+        .collect();
+    Fleet::start(configs, upstreams).await
+}
 
-    fn addr(&self, i: usize) -> SocketAddr {
-        self.replicas[i].addr
-    }
-
-    fn upstream_requests(&self) -> usize {
-        self.upstreams.iter().map(MockUpstream::request_count).sum()
-    }
+async fn start_fleet(
+    redis: &RedisServer,
+    statuses: [StatusCode; 3],
+    rate_limit: &str,
+    on_error: &str,
+) -> Fleet {
+    fleet_of(&store_lines(redis, on_error), rate_limit, |i| {
+        bitbucket(statuses[i])
+    })
+    .await
 }
 
 const PATH: &str = "/2.0/repositories/acme/widgets/pullrequests";
@@ -141,42 +104,10 @@ async fn metrics(addr: SocketAddr) -> String {
     body_string(get(addr, "/-/metrics").await.into_body()).await
 }
 
-/// Neither the token nor anything made from it without a key is in any key or value.
-async fn assert_no_secret(redis: &RedisServer) {
-    use base64::Engine as _;
-    use sha2::Digest as _;
-    let dump = redis.dump().await;
-    assert!(!dump.is_empty(), "the store was used");
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-token-auth:{TOKEN}"));
-    let sha = sha2::Sha256::digest(TOKEN.as_bytes());
-    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
-    let sha_bearer: String = sha2::Sha256::digest(format!("Bearer {TOKEN}").as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    for (key, values) in &dump {
-        for text in std::iter::once(key).chain(values) {
-            for needle in [
-                TOKEN,
-                &TOKEN[..12],
-                &basic,
-                &sha_hex[..16],
-                &sha_bearer[..16],
-                "Bearer",
-            ] {
-                assert!(
-                    !text.contains(needle),
-                    "the store holds secret material in {key}: {text}"
-                );
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_spend_one_budget_and_one_cool_down_with_no_secret_in_redis() {
     let redis = RedisServer::start().await;
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [StatusCode::OK; 3],
         "rate_limit = { per_hour = 10 }",
@@ -218,13 +149,13 @@ async fn three_replicas_spend_one_budget_and_one_cool_down_with_no_secret_in_red
                 .contains("bitbucket_auth_proxy_store_up 1")
         );
     }
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replicas_429_stops_the_other_two_at_once() {
     let redis = RedisServer::start().await;
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [
             StatusCode::TOO_MANY_REQUESTS,
@@ -273,14 +204,14 @@ async fn one_replicas_429_stops_the_other_two_at_once() {
             > 50,
         "{body}"
     );
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pace_and_its_burst_are_shared_too() {
     let redis = RedisServer::start().await;
     // One every 3 s, bursts of 3: the fleet gets 3 at once, not 3 each.
-    let fleet = Fleet::start(
+    let fleet = start_fleet(
         &redis,
         [StatusCode::OK; 3],
         "rate_limit = { per_hour = 1200, burst = 3 }",
@@ -326,7 +257,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_local_keeps_serving_and_recovers_without_restart() {
     let mut redis = RedisServer::start().await;
-    let fleet = Fleet::start(&redis, [StatusCode::OK; 3], "", "local").await;
+    let fleet = start_fleet(&redis, [StatusCode::OK; 3], "", "local").await;
     for i in 0..3 {
         assert_eq!(status_and_reason(fleet.addr(i)).await.0, StatusCode::OK);
     }
@@ -374,13 +305,13 @@ async fn redis_killed_mid_run_local_keeps_serving_and_recovers_without_restart()
         dump.iter().any(|(key, _)| key.ends_with(":window")),
         "{dump:?}"
     );
-    assert_no_secret(&redis).await;
+    assert_no_secret(&redis, &[TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_refuse_answers_503_then_recovers() {
     let mut redis = RedisServer::start().await;
-    let fleet = Fleet::start(&redis, [StatusCode::OK; 3], "", "refuse").await;
+    let fleet = start_fleet(&redis, [StatusCode::OK; 3], "", "refuse").await;
     assert_eq!(status_and_reason(fleet.addr(0)).await.0, StatusCode::OK);
     redis.kill().await;
     let started = Instant::now();
@@ -480,10 +411,10 @@ async fn rediss_with_a_ca_file_and_a_password_shares_the_budget_and_refuses_a_wr
             ca.display()
         )
     };
-    let fleet = Fleet::start_with(
+    let fleet = fleet_of(
         &store(pki.ca_path(), "redis-pw-Hy6Lq3"),
-        [StatusCode::OK; 3],
         "rate_limit = { per_hour = 4 }",
+        |_| bitbucket(StatusCode::OK),
     )
     .await;
     let mut admitted = 0;
@@ -511,4 +442,147 @@ async fn rediss_with_a_ca_file_and_a_password_shares_the_budget_and_refuses_a_wr
         assert_eq!(body["store"]["state"], "down", "{name}: {body}");
         assert!(!body.to_string().contains("Hy6Lq3"), "{body}");
     }
+}
+
+/// One mock Bitbucket for the whole fleet that answers after `delay`: 429 with
+/// `Retry-After: 2` while `failing` holds, else 200; it notes when each request arrived.
+fn switchable(
+    delay: Duration,
+    failing: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+) -> MockUpstream {
+    MockUpstream::start_plain(move |_, _| {
+        arrivals.lock().unwrap().push(Instant::now());
+        let failing = failing.load(Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut response = Response::builder().header("x-upstream-marker", "bitbucket");
+            if failing {
+                response = response
+                    .status(StatusCode::TOO_MANY_REQUESTS)
+                    .header("retry-after", "2");
+            }
+            response.body(full_body("{}")).unwrap()
+        }
+    })
+}
+
+/// `n` requests at once, spread over the three replicas; their statuses and reasons.
+async fn burst(fleet: &Fleet, n: usize) -> Vec<(StatusCode, Option<String>)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| tokio::spawn(status_and_reason(fleet.addr(i % 3))))
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_shared_cool_down_one_probe_reaches_bitbucket_for_the_whole_fleet() {
+    let redis = RedisServer::start().await;
+    let failing = Arc::new(AtomicBool::new(true));
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let upstream = switchable(
+        Duration::from_millis(400),
+        failing.clone(),
+        arrivals.clone(),
+    );
+    let store = store_lines(&redis, "local");
+    let configs = ["ci", "ci", "fleet-token"]
+        .iter()
+        .map(|name| config(&upstream, name, "", &store))
+        .collect();
+    let fleet = Fleet::start(configs, vec![upstream]).await;
+    // Replica 0's request is answered 429: a 2 s cool-down for the fleet.
+    assert_eq!(
+        status_and_reason(fleet.addr(0)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Over: 9 requests at once on the three replicas. One probes, and is answered 429 again;
+    // the other 8 wait for its answer and are refused with the new cool-down.
+    let answers = burst(&fleet, 9).await;
+    assert_eq!(
+        fleet.upstream_requests(),
+        2,
+        "one probe for three replicas: {answers:?}"
+    );
+    let cooling = answers
+        .iter()
+        .filter(|(s, r)| {
+            *s == StatusCode::TOO_MANY_REQUESTS && r.as_deref() == Some("cooling-down")
+        })
+        .count();
+    assert_eq!(cooling, 8, "{answers:?}");
+    assert!(
+        fleet
+            .metric("bitbucket_auth_proxy_store_probe_waits_total")
+            .await
+            >= 2
+    );
+    // Bitbucket recovers. After the new cool-down, again one probe first; the others go once
+    // it is answered, not beside it.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    arrivals.lock().unwrap().clear();
+    let answers = burst(&fleet, 9).await;
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::OK),
+        "{answers:?}"
+    );
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 9);
+    assert!(
+        arrivals[1] - arrivals[0] >= Duration::from_millis(350),
+        "the second request reached Bitbucket {:?} after the probe",
+        arrivals[1] - arrivals[0]
+    );
+    assert_no_secret(&redis, &[TOKEN]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_bitbucket_reports_to_one_replica_paces_the_others() {
+    let redis = RedisServer::start().await;
+    // Only replica 0's Bitbucket sends X-RateLimit-Limit: 4 (an hour's budget of 4).
+    let fleet = fleet_of(
+        &store_lines(&redis, "local"),
+        "rate_limit = { per_hour = 1000, burst = 1000 }",
+        |i| {
+            MockUpstream::start_plain_simple(move |_| {
+                let mut response = Response::new(Full::from("{}"));
+                if i == 0 {
+                    let limit = "4".parse().unwrap();
+                    response.headers_mut().insert("x-ratelimit-limit", limit);
+                }
+                response
+            })
+        },
+    )
+    .await;
+    assert_eq!(status_and_reason(fleet.addr(0)).await.0, StatusCode::OK);
+    // Replica 1 never saw the header; it learns the figure from the store on its first
+    // admission and holds the fleet to 4: three more, then rate-limited.
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.push(status_and_reason(fleet.addr(1)).await);
+    }
+    let ok = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    assert_eq!(ok, 3, "{answers:?}");
+    assert!(
+        answers[3..]
+            .iter()
+            .all(|(s, r)| *s == StatusCode::TOO_MANY_REQUESTS
+                && r.as_deref() == Some("rate-limited")),
+        "{answers:?}"
+    );
+    assert_eq!(fleet.upstream_requests(), 4);
+    let dump = redis.dump().await;
+    assert!(
+        dump.iter()
+            .any(|(key, values)| key.ends_with(":reported") && values.contains(&"4,,".to_owned())),
+        "{dump:?}"
+    );
+    assert_no_secret(&redis, &[TOKEN]).await;
 }

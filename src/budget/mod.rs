@@ -21,6 +21,7 @@
 pub mod cooldown;
 pub mod governor;
 pub mod reported;
+mod shared_reports;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,6 +36,7 @@ use crate::config::OnStoreError;
 use crate::error::ProxyError;
 use crate::store::Store;
 use crate::store::budget::{Policy, SharedAdmission, Verdict};
+use crate::store::probe::ProbeClaim;
 use crate::telemetry::metrics::budget::CredentialMetrics;
 use crate::upstream::credential::Credential;
 use cooldown::{Cooldown, CooldownStatus, Gate, ceil_seconds};
@@ -59,13 +61,20 @@ enum Attempt {
     Refused(Refusal),
     /// The shared store holds a cool-down another replica (or this one) started.
     CoolingDown(Duration),
+    /// Another request probes Bitbucket for the fleet after a cool-down.
+    Probing,
 }
+
+/// The longest pause between two looks at the store while another replica's probe is out.
+const PROBE_POLL_MAX: Duration = Duration::from_millis(250);
 
 pub struct CredentialBudget {
     name: Arc<str>,
     governor: Governor,
     cooldown: Cooldown,
     metrics: CredentialMetrics,
+    /// The last report stored for the other replicas, and when.
+    shared_report: std::sync::Mutex<Option<(Report, Instant)>>,
 }
 
 impl CredentialBudget {
@@ -79,6 +88,7 @@ impl CredentialBudget {
             name,
             governor: Governor::new(limit),
             cooldown: Cooldown::default(),
+            shared_report: std::sync::Mutex::new(None),
         }
     }
 
@@ -115,15 +125,31 @@ impl CredentialBudget {
             shared,
         };
         let deadline = Instant::now() + max_wait;
+        let probe_deadline = Instant::now() + probe_wait;
+        // The fleet's probe holds its turn as long as a local probe may wait for its answer.
+        let probe_ttl = probe_wait + Duration::from_secs(1);
         let mut delayed = false;
+        let mut poll = Duration::from_millis(10);
+        let mut probe_waited = false;
         let (admission, sent, limit) = loop {
             let now = Instant::now();
-            match self.attempt(permit.shared.as_ref(), now).await? {
+            match self.attempt(permit.shared.as_ref(), now, probe_ttl).await? {
                 Attempt::Admitted(admission, sent, limit) => break (admission, sent, limit),
                 Attempt::CoolingDown(wait) => {
                     self.cooldown.adopt(now + wait);
                     return Err(self.cooling_down(wait));
                 }
+                // Another replica probes: wait for its answer as for a local probe, bounded
+                // the same way, then refuse for a second rather than probe alongside it.
+                Attempt::Probing if now < probe_deadline => {
+                    if let (false, Some(shared)) = (probe_waited, &permit.shared) {
+                        shared.store.metrics().probe_waits.inc();
+                        probe_waited = true;
+                    }
+                    tokio::time::sleep(poll.min(probe_deadline - now)).await;
+                    poll = (poll * 2).min(PROBE_POLL_MAX);
+                }
+                Attempt::Probing => return Err(self.cooling_down(Duration::from_secs(1))),
                 // Waiters are not queued: each retries when its slot should be free, and one
                 // that finds it taken waits again while its deadline allows.
                 Attempt::Refused(refusal) if now + refusal.wait <= deadline => {
@@ -156,7 +182,12 @@ impl CredentialBudget {
 
     /// One admission attempt: in the shared store when there is one and it answers, else in
     /// this process (or a refusal, under `store.on_error = "refuse"`).
-    async fn attempt(&self, shared: Option<&Shared>, now: Instant) -> Result<Attempt, ProxyError> {
+    async fn attempt(
+        &self,
+        shared: Option<&Shared>,
+        now: Instant,
+        probe_ttl: Duration,
+    ) -> Result<Attempt, ProxyError> {
         if let Some(shared) = shared {
             let rules = self.governor.rules(now);
             let policy = policy(&rules);
@@ -165,11 +196,15 @@ impl CredentialBudget {
                     per_hour: DEFAULT_PER_HOUR,
                 })
             };
-            match shared
+            let answer = shared
                 .store
-                .admit(shared.credential.budget_identity(), policy)
+                .admit(shared.credential.budget_identity(), policy, probe_ttl)
                 .await
-            {
+                .map(|(verdict, reports)| {
+                    self.adopt_reports(now, &reports);
+                    verdict
+                });
+            match answer {
                 Ok(Verdict::Admitted(admission)) => {
                     let sent = admission.sent;
                     return Ok(Attempt::Admitted(
@@ -188,6 +223,7 @@ impl CredentialBudget {
                     return Ok(Attempt::Refused(Refusal { wait, pace: pace() }));
                 }
                 Ok(Verdict::CoolingDown(wait)) => return Ok(Attempt::CoolingDown(wait)),
+                Ok(Verdict::Probing(_)) => return Ok(Attempt::Probing),
                 Err(_unavailable) => {
                     shared.store.count_fallback();
                     if shared.store.on_error() == OnStoreError::Refuse {
@@ -261,12 +297,16 @@ impl BudgetPermit {
 
     /// The request is being sent upstream.
     pub fn spend(mut self) -> UpstreamAttempt {
-        self.admission = None;
+        let shared_probe = match self.admission.take() {
+            Some(Spent::Shared(admission)) => admission.probe_claim(),
+            _ => None,
+        };
         self.budget.metrics.upstream_requests.inc();
         UpstreamAttempt {
             budget: self.budget.clone(),
             probe: std::mem::take(&mut self.probe),
             shared: self.shared.take(),
+            shared_probe,
         }
     }
 }
@@ -283,7 +323,12 @@ impl Drop for BudgetPermit {
                     (&self.shared, tokio::runtime::Handle::try_current())
                 {
                     let store = shared.store.clone();
-                    runtime.spawn(async move { store.refund(admission).await });
+                    runtime.spawn(async move {
+                        if let Some(probe) = admission.probe_claim() {
+                            let _ = store.probe_release(&probe).await;
+                        }
+                        store.refund(admission).await
+                    });
                 }
             }
             None => {}
@@ -301,6 +346,8 @@ pub struct UpstreamAttempt {
     budget: Arc<CredentialBudget>,
     probe: bool,
     shared: Option<Shared>,
+    /// This request's turn as the fleet's probe, if it has it.
+    shared_probe: Option<ProbeClaim>,
 }
 
 impl UpstreamAttempt {
@@ -312,12 +359,17 @@ impl UpstreamAttempt {
         let budget = &self.budget;
         let now = Instant::now();
         let probe = std::mem::take(&mut self.probe);
+        let shared = self.shared.take();
+        let mut shared_probe = self.shared_probe.take();
         if let Some(report) = Report::parse(headers) {
             budget.governor.record_report(now, &report);
             let left = budget.governor.usage(now).reported_left;
             budget
                 .metrics
                 .reported(report.limit, report.remaining, report.near_limit, left);
+            if let Some(shared) = &shared {
+                budget.share_report(shared, &report, now).await;
+            }
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
             budget.metrics.spent();
@@ -332,15 +384,25 @@ impl UpstreamAttempt {
                     from_retry_after = retry_after.is_some(),
                     "Bitbucket answered 429: holding this credential's requests until the cool-down ends"
                 );
-                if let Some(shared) = self.shared.take() {
+                if let Some(shared) = &shared {
                     // Unavailable: the other replicas learn of it from their own 429s.
+                    let identity = shared.credential.budget_identity();
+                    let probe = shared_probe.take();
                     let _ = shared
                         .store
-                        .cool_down(shared.credential.budget_identity(), length)
+                        .cool_down(identity, length, probe.as_ref())
                         .await;
                 }
             }
+            // A 429 that started nothing here still ends this request's turn as the probe.
+            if let (Some(shared), Some(probe)) = (&shared, shared_probe.take()) {
+                let _ = shared.store.probe_release(&probe).await;
+            }
         } else {
+            if let (Some(shared), Some(probe)) = (&shared, shared_probe.take()) {
+                // Unavailable: the turn lapses, and the next request probes again.
+                let _ = shared.store.probe_answered(&probe).await;
+            }
             if probe {
                 tracing::info!(
                     credential = &*budget.name,
@@ -356,6 +418,14 @@ impl Drop for UpstreamAttempt {
     fn drop(&mut self) {
         if self.probe {
             self.budget.cooldown.release_probe(Instant::now());
+        }
+        if let (Some(shared), Some(probe), Ok(runtime)) = (
+            &self.shared,
+            self.shared_probe.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let store = shared.store.clone();
+            runtime.spawn(async move { store.probe_release(&probe).await });
         }
     }
 }

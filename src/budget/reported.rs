@@ -71,6 +71,53 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The figures as stored for the other replicas ([`crate::store::reports`]):
+    /// `limit,remaining,near` with empty fields for what the response left out.
+    pub fn shared_figures(&self) -> String {
+        let field = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+        let near = match self.near_limit {
+            Some(true) => "1",
+            Some(false) => "0",
+            None => "",
+        };
+        format!(
+            "{},{},{near}",
+            field(self.limit.map(u64::from)),
+            field(self.remaining)
+        )
+    }
+
+    /// A report another replica stored; `None` when nothing in it is usable. Read as strictly
+    /// as the headers: the store is one more place a hostile value could come from.
+    pub fn from_shared(resource: &str, figures: &str) -> Option<Report> {
+        let mut parts = figures.split(',');
+        let (limit, remaining, near) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let report = Report {
+            resource: if is_plain_name(resource) {
+                resource
+            } else {
+                ""
+            }
+            .into(),
+            limit: parse_count(limit)
+                .filter(|&n| n > 0)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            remaining: parse_count(remaining),
+            near_limit: match near {
+                "1" => Some(true),
+                "0" => Some(false),
+                _ => None,
+            },
+        };
+        (report.limit.is_some() || report.remaining.is_some() || report.near_limit.is_some())
+            .then_some(report)
+    }
+}
+
 /// Decimal digits only; numbers too large for `u64` saturate rather than fail, since "more
 /// than anyone could send" is what such a header means.
 fn parse_count(text: &str) -> Option<u64> {
@@ -245,6 +292,27 @@ mod tests {
         assert_eq!(reported.limit(3_600), Some(1_000));
         assert_eq!(reported.limit(3_630), None);
         assert_eq!(reported.near_limit(3_630), None);
+    }
+
+    #[test]
+    fn shared_figures_round_trip_and_garbage_is_refused() {
+        let report = Report {
+            resource: "api/repositories".into(),
+            limit: Some(1000),
+            remaining: None,
+            near_limit: Some(true),
+        };
+        assert_eq!(report.shared_figures(), "1000,,1");
+        assert_eq!(
+            Report::from_shared("api/repositories", &report.shared_figures()),
+            Some(report)
+        );
+        assert_eq!(Report::from_shared("x", ",,"), None);
+        assert_eq!(Report::from_shared("x", "1,2"), None);
+        assert_eq!(Report::from_shared("x", "1,2,3,4"), None);
+        assert_eq!(Report::from_shared("x", "-1,abc,maybe"), None);
+        let odd = Report::from_shared("../\u{e9}", "5,,").unwrap();
+        assert_eq!((&*odd.resource, odd.limit), ("", Some(5)));
     }
 
     #[test]

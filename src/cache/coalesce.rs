@@ -57,6 +57,11 @@ struct FlightState {
     end: Option<End>,
     handoff: Option<TimedBody<Incoming>>,
     wakers: Vec<Waker>,
+    /// Filled from the shared store: the entry's age then, and when.
+    stored: Option<(Duration, Instant)>,
+    /// When the upstream request went out, if later than the flight began (its leader first
+    /// waited for another replica's fill lock).
+    sent_at: Option<Instant>,
 }
 
 impl FlightState {
@@ -71,9 +76,9 @@ impl FlightState {
 pub struct Flight {
     state: Mutex<FlightState>,
     cap: usize,
-    /// When the upstream request went out: ages are counted from here, so no answer is
-    /// reported younger than it is.
-    pub sent_at: Instant,
+    /// When the flight began: the upstream request went out then or later
+    /// ([`Flight::sent_at`]).
+    began: Instant,
 }
 
 /// What a waiting request gets once the answer can be given to it.
@@ -97,7 +102,7 @@ impl Flight {
         Arc::new(Flight {
             state: Mutex::new(FlightState::default()),
             cap,
-            sent_at: Instant::now(),
+            began: Instant::now(),
         })
     }
 
@@ -208,10 +213,10 @@ impl Flight {
     }
 
     /// Whether the answer has ended (complete, failed, handed off past the cap, or every byte
-    /// of a body of known length is in): a request arriving now was not in flight with it,
-    /// and must not be answered from it. The length counts because a client reads such a body
-    /// to its end, and may send its next request, before the upstream's end of stream.
-    pub fn is_finished(&self) -> bool {
+    /// of a body of known length is in): nothing is in flight any more. The length counts
+    /// because a client reads such a body to its end, and may send its next request, before
+    /// the upstream's end of stream reaches the flight.
+    pub fn ended(&self) -> bool {
         let state = self.lock();
         match &state.head {
             _ if state.end.is_some() => true,
@@ -219,6 +224,37 @@ impl Flight {
             Some(Ok(head)) => head.length.is_some_and(|length| state.len as u64 >= length),
             None => false,
         }
+    }
+
+    /// When the upstream request went out: ages are counted from here, so no answer is
+    /// reported younger than it is.
+    pub fn sent_at(&self) -> Instant {
+        self.lock().sent_at.unwrap_or(self.began)
+    }
+
+    /// The upstream request goes out now (after a wait that is no part of the answer's age).
+    pub fn mark_sent(&self) {
+        self.lock().sent_at = Some(Instant::now());
+    }
+
+    /// Fills the flight with an entry another replica stored, `age` old: no upstream request.
+    pub fn fill_stored(&self, head: Arc<Head>, body: Bytes, age: Duration) {
+        self.update(|state| {
+            state.head = Some(Ok(head));
+            state.len = body.len();
+            if !body.is_empty() {
+                state.chunks.push(body);
+            }
+            state.end = Some(End::Complete);
+            state.stored = Some((age, Instant::now()));
+        });
+    }
+
+    /// How old the answer is now, if it came from the shared store rather than upstream.
+    pub fn stored_age(&self) -> Option<Duration> {
+        self.lock()
+            .stored
+            .map(|(age, filled)| age + filled.elapsed())
     }
 
     /// Waits until the answer can be given to this request.

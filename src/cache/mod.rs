@@ -15,6 +15,10 @@
 //! upstream requests that started before it. Immutable entries go only with a write to the
 //! repository itself (a rename, transfer or deletion): no other write changes a commit.
 //!
+//! With `[store]`, [`shared`] extends this across replicas: a local miss looks in Redis (in the
+//! leader of the local flight, so in-process coalescing stays exact), answers are written there
+//! too, and writes start new generations of what they drop on every replica.
+//!
 //! The cache belongs to one config generation: a reload starts an empty one.
 //!
 //! Uses [`crate::rewrite`] (each client's copy is rewritten for its route and host),
@@ -24,6 +28,7 @@
 pub mod coalesce;
 pub mod key;
 pub mod policy;
+mod shared;
 pub mod status;
 pub mod store;
 mod writes;
@@ -48,6 +53,8 @@ use crate::telemetry::metrics::{CredentialLabels, Metrics};
 use coalesce::{Filled, Flight, Head, Ready};
 use key::Key;
 use policy::{Bypass, CacheLimits, ClientDirectives, Freshness};
+pub use shared::{FILL_LOCK_TTL, SHARED_IMMUTABLE_TTL};
+use shared::{Obtained, SharedCache};
 use status::CACHE_STATUS;
 pub use status::CacheStatus;
 use store::{Entry, Store};
@@ -93,6 +100,8 @@ pub struct Cache {
     store: Mutex<Store>,
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
     epochs: Mutex<Epochs>,
+    /// `[store]`: entries shared with the other replicas.
+    shared: Option<SharedCache>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,7 +109,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Cache {
-    pub fn new(limits: CacheLimits) -> Cache {
+    pub fn new(limits: CacheLimits, store: Option<Arc<crate::store::Store>>) -> Cache {
         Cache {
             limits,
             store: Mutex::new(Store::new(
@@ -108,6 +117,7 @@ impl Cache {
             )),
             flights: Mutex::new(HashMap::new()),
             epochs: Mutex::new(Epochs::default()),
+            shared: store.map(SharedCache::new),
         }
     }
 
@@ -162,7 +172,7 @@ impl Cache {
     /// but GET, HEAD, OPTIONS, TRACE): its repository's entries go, and requests in flight for
     /// them take no new joiners. Returns the write, to [drop](Self::drop_written) again when
     /// its answer has arrived.
-    pub fn note_write(&self, route: &Route, method: &Method, path: &str) -> Option<Write> {
+    pub async fn note_write(&self, route: &Route, method: &Method, path: &str) -> Option<Write> {
         if matches!(
             *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -174,12 +184,13 @@ impl Cache {
             scope: key::repository_scope(route.upstream, &upstream_path),
             repository_itself: key::is_repository_itself(route.upstream, &upstream_path),
         };
-        self.drop_written(&write);
+        self.drop_written(&write).await;
         Some(write)
     }
 
-    /// Drops what `write` makes stale, and keeps answers already under way out of the store.
-    pub fn drop_written(&self, write: &Write) {
+    /// Drops what `write` makes stale, here and (with `[store]`, bounded by `store.timeout`)
+    /// on every replica, and keeps answers already under way out of the store.
+    pub async fn drop_written(&self, write: &Write) {
         lock(&self.epochs).record(write);
         let in_scope = |key: &Key| {
             let path = key.target.split('?').next().unwrap_or_default();
@@ -188,6 +199,9 @@ impl Cache {
         };
         lock(&self.flights).retain(|key, _| !in_scope(key));
         lock(&self.store).retain(|key, _| !in_scope(key));
+        if let Some(shared) = &self.shared {
+            shared.invalidate(write).await;
+        }
     }
 
     /// A stored entry for the lookup: `Ok` when fresh, `Err` when stale but still within the
@@ -218,15 +232,20 @@ impl Cache {
     }
 
     /// After the governor refused a request: a fresh entry answers it anyway (it costs no
-    /// budget), and a stale one when the route allows `stale_if_error` for this refusal.
-    pub fn answer_refusal(
+    /// budget), here or in the shared store, and a stale one of this replica's when the route
+    /// allows `stale_if_error` for this refusal.
+    pub async fn answer_refusal(
         &self,
         client: &Client<'_>,
         lookup: &Lookup,
         refusal: &ProxyError,
     ) -> Option<Response<ProxyBody>> {
         let now = Instant::now();
-        match self.stored(client, lookup, now)? {
+        let Some(stored) = self.stored_current(client, lookup, now).await else {
+            // Not here: another replica may have it (with `[store]`).
+            return self.shared_answer(client, lookup).await;
+        };
+        match stored {
             Ok(entry) if lookup.directives.read_store => {
                 Some(self.entry_response(client, lookup, &entry, CacheStatus::Hit, None, now))
             }
@@ -252,7 +271,7 @@ impl Cache {
     {
         let now = Instant::now();
         let mut stale = None;
-        match self.stored(client, &lookup, now) {
+        match self.stored_current(client, &lookup, now).await {
             Some(Ok(entry)) if lookup.directives.read_store => {
                 return Ok(self.entry_response(
                     client,
@@ -273,9 +292,9 @@ impl Cache {
             let (flight, owner) = {
                 let mut flights = lock(&self.flights);
                 match flights.get(&lookup.key) {
-                    // A finished flight lingers until its task removes it; a request that comes
-                    // after the answer ended was not in flight with it.
-                    Some(flight) if !alone && !flight.is_finished() => (flight.clone(), false),
+                    // A flight that has ended but is not yet out of the table (its task is still
+                    // storing the answer) fetched before this request came: not joined.
+                    Some(flight) if !alone && !flight.ended() => (flight.clone(), false),
                     _ => {
                         let flight = Flight::new(self.cap());
                         if !alone {
@@ -294,6 +313,22 @@ impl Cache {
             }
             match flight.ready(owner).await {
                 Ready::Head(head) => {
+                    if let Some(age) = flight.stored_age() {
+                        // Filled from the shared store: a hit for every request that waited.
+                        client
+                            .metrics
+                            .cache
+                            .hits
+                            .get_or_create(&client.labels())
+                            .inc();
+                        let ttl = match lookup.freshness {
+                            Some(Freshness::MaxAge(max_age)) => Some(max_age.saturating_sub(age)),
+                            _ => None,
+                        };
+                        let body = flight.body(&head, owner);
+                        let status = CacheStatus::Shared;
+                        return Ok(respond_with(client, &head, body, status, age, ttl, None));
+                    }
                     if let Some(entry) = &stale
                         && policy::serves_stale_on_status(head.status)
                     {
@@ -321,7 +356,7 @@ impl Cache {
                             .inc();
                         CacheStatus::Coalesced
                     };
-                    let age = upstream_age(&head.headers) + flight.sent_at.elapsed();
+                    let age = upstream_age(&head.headers) + flight.sent_at().elapsed();
                     let body = flight.body(&head, owner);
                     let mut response = respond_with(client, &head, body, status, age, None, None);
                     if owner && let Some(upstream) = &head.upstream {
@@ -366,17 +401,74 @@ impl Cache {
     {
         let started = lock(&self.epochs).seq;
         let keep = lookup.freshness.is_some() && lookup.directives.write_store;
+        let directives = lookup.directives;
+        let shared = match (&self.shared, lookup.freshness) {
+            (Some(shared), Some(freshness)) => Some((
+                shared.clone(),
+                shared.key(client, &lookup.key, lookup.scope.as_deref()),
+                freshness,
+            )),
+            _ => None,
+        };
+        let config = &client.config;
+        let wait_max = FILL_LOCK_TTL.min(config.upstream.timeout);
+        let cap = self.cap();
         let cache = self.clone();
         let key = lookup.key.clone();
         let scope = lookup.scope.clone();
-        let idle = client.config.upstream.idle_timeout;
+        let idle = config.upstream.idle_timeout;
         let metrics = client.metrics.clone();
         let flight = flight.clone();
         tokio::spawn(async move {
-            let answer = fetch(request).await;
-            let filled = flight.fill(answer, idle).await;
-            if let (true, Filled::Complete(head, body)) = (keep, filled) {
-                cache.keep(&key, head, body, flight.sent_at, started, scope);
+            let mut claim = None;
+            let mut hit = None;
+            if let Some((shared, shared_key, freshness)) = &shared {
+                let (read, write) = (directives.read_store, directives.write_store);
+                match shared
+                    .obtain(shared_key.clone(), read, write, *freshness, wait_max)
+                    .await
+                {
+                    Obtained::Hit {
+                        head,
+                        body,
+                        age,
+                        gens,
+                    } => hit = Some((head, body, age, (shared_key.clone(), gens))),
+                    Obtained::Fetch(taken) => claim = taken,
+                }
+            }
+            if let Some((head, body, age, place)) = hit {
+                // Not sent: the budget permit inside `fetch` goes back, as for a local hit.
+                drop((fetch, request));
+                flight.fill_stored(head.clone(), body.clone(), age);
+                if keep {
+                    let since = (Instant::now(), age);
+                    cache.keep(&key, head, body, since, started, scope, Some(place));
+                }
+            } else {
+                if shared.is_some() {
+                    flight.mark_sent();
+                }
+                let answer = fetch(request).await;
+                let filled = flight.fill(answer, idle).await;
+                if let (true, Filled::Complete(head, body)) = (keep, filled) {
+                    let age = upstream_age(&head.headers);
+                    let since = (flight.sent_at(), age);
+                    let place = claim.as_ref().map(|c| (c.key.clone(), c.gens.clone()));
+                    let (head_kept, body_kept) = (head.clone(), body.clone());
+                    let kept = cache.keep(&key, head_kept, body_kept, since, started, scope, place);
+                    if let (true, Some((shared, _, freshness)), Some(taken)) =
+                        (kept, &shared, claim.take())
+                    {
+                        let age = age + flight.sent_at().elapsed();
+                        shared.put(taken, &head, &body, age, *freshness, cap).await;
+                    }
+                }
+                if let (Some((shared, ..)), Some(taken)) = (&shared, claim) {
+                    shared.release(taken).await;
+                }
+            }
+            {
                 let store = lock(&cache.store);
                 metrics.cache.stored_bytes.set(store.bytes() as i64);
                 metrics.cache.stored_entries.set(store.len() as i64);
@@ -394,34 +486,31 @@ impl Cache {
     }
 
     /// Stores a complete answer unless a write to its repository happened since its request
-    /// went out.
+    /// went out; `since` is when its age was the second value. Returns false after such a
+    /// write.
+    #[allow(clippy::too_many_arguments)]
     fn keep(
         &self,
         key: &Key,
         head: Arc<Head>,
         body: bytes::Bytes,
-        sent_at: Instant,
+        since: (Instant, Duration),
         started: u64,
         scope: Option<Box<str>>,
-    ) {
+        shared: Option<(crate::store::cache::SharedKey, bytes::Bytes)>,
+    ) -> bool {
         let path = key.target.split('?').next().unwrap_or_default();
         let immutable = policy::is_immutable(key.upstream, path);
         let epochs = lock(&self.epochs);
         if !epochs.unchanged_since(started, scope.as_deref(), immutable) {
-            return;
+            return false;
         }
-        let entry = Entry::new(
-            key,
-            head.clone(),
-            body,
-            sent_at,
-            upstream_age(&head.headers),
-            scope,
-        );
+        let entry = Entry::new(key, head, body, since.0, since.1, scope).with_shared(shared);
         // Inserted while the write record is locked: a write cannot slip between the check and
         // the insert.
         lock(&self.store).insert(key.clone(), entry);
         drop(epochs);
+        true
     }
 
     fn entry_response(

@@ -14,6 +14,8 @@ pub(super) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-statu
 pub enum CacheStatus {
     /// From the store, fresh.
     Hit,
+    /// From the shared store (`[store]`): an entry this or another replica fetched.
+    Shared,
     /// From the store, stale, because Bitbucket failed or refused (`stale_if_error`).
     Stale,
     /// This request's own upstream request.
@@ -32,6 +34,7 @@ impl CacheStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "hit",
+            CacheStatus::Shared => "shared",
             CacheStatus::Stale => "stale",
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
@@ -46,7 +49,7 @@ impl CacheStatus {
     pub fn served_locally(self) -> bool {
         matches!(
             self,
-            CacheStatus::Hit | CacheStatus::Stale | CacheStatus::Coalesced
+            CacheStatus::Hit | CacheStatus::Shared | CacheStatus::Stale | CacheStatus::Coalesced
         )
     }
 
@@ -55,6 +58,7 @@ impl CacheStatus {
         let mut text = String::from(CACHE_NAME);
         text.push_str(match self {
             CacheStatus::Hit => "; hit",
+            CacheStatus::Shared => "; hit; detail=shared",
             CacheStatus::Stale => "; fwd=stale",
             CacheStatus::Miss => "; fwd=miss",
             CacheStatus::Coalesced => "; fwd=miss; collapsed",
@@ -89,6 +93,10 @@ mod tests {
         assert_eq!(
             CacheStatus::Hit.header(Some(Duration::from_secs(4)), None),
             "bitbucket-auth-proxy; hit; ttl=4"
+        );
+        assert_eq!(
+            CacheStatus::Shared.header(Some(Duration::from_secs(9)), None),
+            "bitbucket-auth-proxy; hit; detail=shared; ttl=9"
         );
         assert_eq!(
             CacheStatus::Coalesced.header(None, None),

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::coalesce::Head;
 use super::key::Key;
+use crate::store::cache::SharedKey;
 
 /// A complete 200 answer.
 #[derive(Debug)]
@@ -23,6 +24,9 @@ pub struct Entry {
     /// The upstream's own `Age` when it arrived.
     pub upstream_age: Duration,
     pub scope: Option<Box<str>>,
+    /// With `[store]`: where the entry lives there and the generations it was fetched under,
+    /// so a write through another replica makes this copy stale too.
+    pub shared: Option<(SharedKey, Bytes)>,
     weight: usize,
 }
 
@@ -52,8 +56,16 @@ impl Entry {
             sent_at,
             upstream_age,
             scope,
+            shared: None,
             weight,
         }
+    }
+
+    /// Records where the entry lives in the shared store and its generations there.
+    pub fn with_shared(mut self, shared: Option<(SharedKey, Bytes)>) -> Entry {
+        self.weight += shared.as_ref().map_or(0, |(_, gens)| 256 + gens.len());
+        self.shared = shared;
+        self
     }
 
     /// How old the answer is now (RFC 9111 4.2.3, counting from when the request went out).
@@ -111,6 +123,11 @@ impl Store {
         slot.tick = self.clock;
         self.order.insert(self.clock, key);
         Some(slot.entry.clone())
+    }
+
+    /// The entry for `key`, without marking it used.
+    pub fn peek(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.slots.get(key).map(|slot| slot.entry.clone())
     }
 
     /// Stores `entry`, evicting the least recently used until it fits. Returns whether it was

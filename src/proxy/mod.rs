@@ -166,6 +166,7 @@ async fn run_phases(
                 Plan::Shared(lookup) => generation
                     .cache
                     .answer_refusal(&client, lookup, &refused)
+                    .await
                     .ok_or(refused),
                 Plan::Bypass(_) => Err(refused),
             };
@@ -176,13 +177,14 @@ async fn run_phases(
         Plan::Bypass(status) => {
             let write = generation
                 .cache
-                .note_write(&route, request.method(), request.uri().path());
+                .note_write(&route, request.method(), request.uri().path())
+                .await;
             let response =
                 fetch_upstream(generation, &state.metrics, &route, request, permit).await;
             if let Some(write) = write {
                 // Again once it is done: a read sent while the write was under way may have
                 // fetched the old state.
-                generation.cache.drop_written(&write);
+                generation.cache.drop_written(&write).await;
             }
             let mut response =
                 rewrite_response(generation, &route, client_host.as_ref(), response?);

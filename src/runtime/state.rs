@@ -117,7 +117,7 @@ impl Generation {
                 (credential.name.clone(), budget)
             })
             .collect();
-        let cache = Arc::new(Cache::new(config.cache));
+        let cache = Arc::new(Cache::new(config.cache, store.clone()));
         Generation {
             number,
             cache,

@@ -1,17 +1,22 @@
 //! The shared store: a Redis server through which replicas holding the same credential share
 //! its budget and its 429 cool-down (docs/store.md). This module owns the connection, the
 //! store's health (down, slow, restarted empty) and the rule that no call waits longer than
-//! `store.timeout`; [`budget`] holds the server-side scripts and the credential fingerprints.
+//! `store.timeout`; [`budget`] holds the server-side scripts and the credential fingerprints,
+//! [`probe`] the one probe after a shared cool-down, [`reports`] Bitbucket's figures shared
+//! between replicas, [`cache`] the shared response-cache entries and their fill lock.
 //!
 //! Every call goes through [`Store::call`], which answers [`Unavailable`] at once while the
 //! store is known to be down, and lets one call through per backoff interval to find out
 //! whether it is back: the connection manager reconnects by itself, so recovery needs no
-//! restart. A response cache can add its own calls (get/put of entries) the same way.
+//! restart.
 //!
 //! Uses redis-rs, the config's [`StoreSettings`] and the metrics registry; knows nothing of
 //! HTTP or routes.
 
 pub mod budget;
+pub mod cache;
+pub mod probe;
+pub mod reports;
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -30,6 +35,32 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long one connection attempt may take. Longer than a call's timeout: a TLS handshake
 /// to a remote Redis needs a few round trips, and it runs beside the calls, not inside them.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Deletes a key only if it still holds the caller's token. KEYS: key. ARGV: token.
+pub(crate) const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// `bytes` random bytes from the system source, as hex: lock tokens and salts.
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut buffer = vec![0u8; bytes];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut buffer)
+        .expect("the system random source works");
+    hex(&buffer)
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
 
 /// The store could not answer in time; the caller falls back or refuses per `on_error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +99,7 @@ pub struct Store {
     metrics: StoreMetrics,
     /// Fingerprint keys and admission ids (see [`budget`]).
     pub(crate) budget: budget::BudgetKeys,
+    cache_scripts: cache::CacheScripts,
 }
 
 impl Store {
@@ -121,6 +153,7 @@ impl Store {
         Ok(Store {
             connection,
             budget: budget::BudgetKeys::new(&settings.prefix),
+            cache_scripts: cache::CacheScripts::new(),
             timeout: settings.timeout,
             on_error: settings.on_error,
             health: Mutex::new(Health {
@@ -131,6 +164,10 @@ impl Store {
             }),
             metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 
     pub fn on_error(&self) -> OnStoreError {

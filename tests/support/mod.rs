@@ -7,6 +7,7 @@
 //! from inside a Tokio runtime (e.g. a `#[tokio::test]`).
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod proxy;
 pub mod redis;
 

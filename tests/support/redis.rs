@@ -170,7 +170,8 @@ impl RedisServer {
                 }
                 cmd
             };
-            let values: Vec<String> = match kind.as_str() {
+            // Bodies need not be UTF-8: read bytes, compare as lossy text.
+            let values: Vec<Vec<u8>> = match kind.as_str() {
                 "string" => vec![
                     read("GET", &[])
                         .query_async(&mut connection)
@@ -196,6 +197,10 @@ impl RedisServer {
                 "none" => continue,
                 other => panic!("unexpected key type {other} for {key}"),
             };
+            let values = values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
             dump.push((key, values));
         }
         dump

@@ -13,6 +13,11 @@ pub struct StoreMetrics {
     pub errors: Counter,
     pub fallbacks: Counter,
     pub refused: Counter,
+    pub cache_hits: Counter,
+    pub cache_stored: Counter,
+    pub cache_fallbacks: Counter,
+    pub fill_waits: Counter,
+    pub probe_waits: Counter,
 }
 
 impl StoreMetrics {
@@ -37,6 +42,31 @@ impl StoreMetrics {
             "store_refused",
             "Requests refused with 503 store-unavailable because the store was down (on_error = \"refuse\")",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "store_cache_hits",
+            "Requests answered from an entry another replica (or this one) put in the shared store",
+            metrics.cache_hits.clone(),
+        );
+        registry.register(
+            "store_cache_stored",
+            "Response-cache entries written to the shared store",
+            metrics.cache_stored.clone(),
+        );
+        registry.register(
+            "store_cache_fallbacks",
+            "Shared-cache reads, writes and invalidations skipped or failed because the store was down (the in-process cache still answered)",
+            metrics.cache_fallbacks.clone(),
+        );
+        registry.register(
+            "store_fill_waits",
+            "Cache misses that waited for another replica's fill lock instead of going upstream at once",
+            metrics.fill_waits.clone(),
+        );
+        registry.register(
+            "store_probe_waits",
+            "Requests that waited for another replica's probe after a shared cool-down",
+            metrics.probe_waits.clone(),
         );
         metrics
     }
