@@ -40,6 +40,7 @@ pub mod stall;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod trim;
 pub mod upstream;
 pub mod verify;
 pub mod warm;
