@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod alias;
+pub mod alpn;
 pub mod body;
 pub mod budget;
 pub mod build_info;

@@ -346,6 +346,7 @@ fn upstream_settings(issues: &mut Issues, file: &ConfigFile, base_dir: &Path) ->
             DEFAULT_VERIFY_INTERVAL,
         ),
         http2: section.http2.unwrap_or(true),
+        git_http2: section.git_http2.unwrap_or(false),
         keep_warm: section.keep_warm.unwrap_or(true),
         proxy: egress_proxy(issues, section, base_dir),
     }
