@@ -13,8 +13,8 @@
 //! trim, a task waits [`SETTLE`] (the parked connections' hyper state is dropped just after
 //! they park, and a wave goes on for as long as its clients kept arriving), then trims on a
 //! blocking thread (it holds each arena's lock while it walks it, so it must not occupy a
-//! runtime worker), and goes on trimming once per `SETTLE` while parks keep coming. So it runs
-//! at most once a second, and only after parking freed at least a few MiB; a busy connection
+//! runtime worker), and trims again after each further `SETTLE` in which `MIN_PARKS` parked.
+//! So it runs at most once a second, and only after parking freed a few MiB; a busy connection
 //! never parks, so a loaded proxy never trims. Other allocators were measured too: jemalloc
 //! with its default 10 s decay kept the same high-water mark for 10 s, and needs a C build;
 //! `M_TRIM_THRESHOLD` and `M_ARENA_MAX` only trim the top of a heap and changed nothing.
@@ -62,6 +62,16 @@ fn start_trimmer() {
 }
 
 async fn trim_while_parking() {
+    // However the task ends (a runtime shutting down drops it mid-sleep), a later wave can start
+    // another. A park that crosses the threshold while this one is ending leaves the count at or
+    // above it, so the next park starts the next trimmer.
+    struct Stopped;
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            TRIMMER_RUNNING.store(false, Ordering::Release);
+        }
+    }
+    let _stopped = Stopped;
     loop {
         tokio::time::sleep(SETTLE).await;
         PARKED_SINCE_TRIM.store(0, Ordering::Relaxed);
@@ -69,15 +79,7 @@ async fn trim_while_parking() {
         let _ = tokio::task::spawn_blocking(return_free_memory).await;
         TRIMS.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(took = ?started.elapsed(), "returned free memory after idle connections parked");
-        if PARKED_SINCE_TRIM.load(Ordering::Relaxed) >= MIN_PARKS {
-            continue;
-        }
-        TRIMMER_RUNNING.store(false, Ordering::Release);
-        // A park that crossed the threshold while this task was stopping found it running and
-        // left the trim to it: take it on.
-        if PARKED_SINCE_TRIM.load(Ordering::Relaxed) < MIN_PARKS
-            || TRIMMER_RUNNING.swap(true, Ordering::AcqRel)
-        {
+        if PARKED_SINCE_TRIM.load(Ordering::Relaxed) < MIN_PARKS {
             return;
         }
     }
