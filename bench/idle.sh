@@ -20,7 +20,9 @@ usage: bench/idle.sh [--conns LIST] [--targets LIST] [--no-build | --bin PATH] [
   --keep          keep the temporary directory
 Environment: BENCH_PORT_BASE (default 28700; uses 4 ports from there); IDLE_BATCH=B and
 IDLE_PAUSE=S pause S seconds after every B connections (the proxy parks idle connections after
-1 s: paced, the figure is the parked state's cost without the unparked ones' high-water mark).
+1 s: paced, the figure is the parked state's cost without the unparked ones' high-water mark);
+IDLE_PROXY_ENV="NAME=value ..." adds to the proxy's environment (an allocator experiment:
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2, MALLOC_ARENA_MAX=1, GLIBC_TUNABLES=...).
 EOF
     exit "${1:-2}"
 }
@@ -281,7 +283,7 @@ for n in "${CONN_LIST[@]}"; do
         port=${PORT[$target]}
         if [[ $target == proxy ]]; then
             write_proxy_conf $((MAX_CONNS + 100))
-            RUST_LOG=warn "$BIN" run --config "$WORK/proxy/proxy.toml" >"$WORK/logs/proxy.log" 2>&1 &
+            env RUST_LOG=warn ${IDLE_PROXY_ENV:-} "$BIN" run --config "$WORK/proxy/proxy.toml" >"$WORK/logs/proxy.log" 2>&1 &
         else
             nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' >"$WORK/logs/nginx.log" 2>&1 &
         fi
@@ -311,9 +313,9 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 OUT=$ROOT/bench/results/issue18-idle-$STAMP.md
 {
-    echo "# Idle keep-alive connections, issue 18 ($(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short HEAD))"
+    echo "# Idle keep-alive connections, issue 18 ($(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short HEAD), binary $BIN_SRC)"
     echo
-    echo "\`bench/idle.sh --conns $CONNS --targets $TARGETS\`. Load average before $LOAD_BEFORE, after $LOAD_AFTER."
+    echo "\`${IDLE_PROXY_ENV:+IDLE_PROXY_ENV=\"$IDLE_PROXY_ENV\" }bench/idle.sh --conns $CONNS --targets $TARGETS\`. Load average before $LOAD_BEFORE, after $LOAD_AFTER."
     echo "Each connection: one GET of a 1.2 KiB page through the target, response read, then idle."
     echo "nginx with one worker; the proxy with its default runtime (one worker thread per CPU)."
     echo

@@ -10,18 +10,23 @@
 #   - first:  the first call after start-up, --starts fresh proxies (readiness waited for);
 #   - spaced: --spaced calls 3 s apart (past the upstream's 2 s idle close);
 #   first and spaced also with `keep_warm = false` ("proxy-cold"), the behaviour before it.
+# --costs measures instead where a call's time goes (bench/results/issue18-gitcosts-*.md): git's
+# own start-up, each way at 0 ms added delay and at each RTT, and one request on a connection
+# already open (direct, and through the proxy's warm one), so what the proxy adds is separated
+# from what the tools cost.
 # curl figures are curl's own time_total (process start excluded); git's are the wall time of
 # the whole `git ls-remote` process. Loopback only; everything started here is stopped on exit.
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bench/latency.sh [--rtt LIST] [--calls N] [--starts N] [--spaced N]
+usage: bench/latency.sh [--rtt LIST] [--calls N] [--starts N] [--spaced N] [--costs]
                         [--no-build | --bin PATH] [--keep]
   --rtt LIST   round-trip times in ms, comma-separated (default 20,80)
   --calls N    steady-state calls per tool and way (default 50)
   --starts N   proxy start-ups for the first-call figure (default 5)
   --spaced N   calls 3 s apart per tool (default 10)
+  --costs      where the time goes instead: tool start-up, 0 ms and each RTT, reused connections
   --no-build   use the existing target/release binary
   --bin PATH   measure this proxy binary
   --keep       keep the temporary directory
@@ -30,13 +35,14 @@ EOF
     exit "${1:-2}"
 }
 
-RTTS=20,80 CALLS=50 STARTS=5 SPACED=10 BUILD=1 BIN_SRC="" KEEP=0
+RTTS=20,80 CALLS=50 STARTS=5 SPACED=10 COSTS=0 BUILD=1 BIN_SRC="" KEEP=0
 while (($#)); do
     case $1 in
         --rtt) RTTS=${2:?}; shift ;;
         --calls) CALLS=${2:?}; shift ;;
         --starts) STARTS=${2:?}; shift ;;
         --spaced) SPACED=${2:?}; shift ;;
+        --costs) COSTS=1 ;;
         --no-build) BUILD=0 ;;
         --bin) BUILD=0 BIN_SRC=$(realpath "${2:?}"); shift ;;
         --keep) KEEP=1 ;;
@@ -272,6 +278,101 @@ stop_proxy() {
 nginx -c "$WORK/upstream/nginx.conf" -g 'daemon off;' >"$WORK/logs/upstream.log" 2>&1 &
 PIDS+=($!)
 wait_until "the upstream" http_ok "http://127.0.0.1:$P_STATUS/status"
+
+# --- --costs: where a call's time goes --------------------------------------------------------
+ms_since() { awk -v s="$1" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.2f", (e - s) * 1000 }'; }
+costs_row() { # $1 label, rest: command; $CALLS runs, wall time of each
+    local label=$1 start
+    shift
+    local -a xs=()
+    for _ in $(seq "$CALLS"); do
+        start=$EPOCHREALTIME
+        "$@" >/dev/null 2>>"$WORK/logs/costs.log" || die "$label failed"
+        xs+=("$(ms_since "$start")")
+    done
+    printf '%s\n' "${xs[@]}" | sort -n | awk -v l="$label" -v r="$CRTT" \
+        '{ a[NR] = $1 } END { printf "| %s | %s | %.1f | %.1f | %.1f |\n", r, l, a[int((NR + 1) / 2)], a[1], a[int(NR * 0.9)] }'
+}
+git_direct() { GIT_SSL_CAINFO=$CA git -c http.extraHeader="Authorization: $GIT_AUTH" ls-remote "https://127.0.0.1:$P_RELAY/acme/widgets.git"; }
+git_proxy() { git ls-remote "http://127.0.0.1:$P_PROXY/git/acme/widgets.git"; }
+curl_direct() { curl -sS -o /dev/null --cacert "$CA" -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$P_RELAY$PAGE_PATH"; }
+curl_proxy() { curl -sS -o /dev/null "http://127.0.0.1:$P_PROXY$PAGE_PATH"; }
+# The second of two requests on one curl connection: the request alone, handshakes done.
+reused_direct() {
+    curl -sS -o /dev/null -o /dev/null --cacert "$CA" -H "Authorization: Bearer $TOKEN" \
+        -w '%{time_total}\n' "https://127.0.0.1:$P_RELAY$PAGE_PATH" "https://127.0.0.1:$P_RELAY$PAGE_PATH" |
+        tail -1 | awk '{ printf "%.2f\n", $1 * 1000 }'
+}
+reused_proxy() { curl -sS -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$P_PROXY$PAGE_PATH" | awk '{ printf "%.2f\n", $1 * 1000 }'; }
+curl_time_row() { # $1 label $2 function printing ms
+    local -a xs=()
+    for _ in $(seq "$CALLS"); do xs+=("$("$2")"); done
+    printf '%s\n' "${xs[@]}" | sort -n | awk -v l="$1" -v r="$CRTT" \
+        '{ a[NR] = $1 } END { printf "| %s | %s | %.1f | %.1f | %.1f |\n", r, l, a[int((NR + 1) / 2)], a[1], a[int(NR * 0.9)] }'
+}
+if ((COSTS)); then
+    STAMP=$(date -u +%Y%m%d-%H%M%S)
+    OUT=$ROOT/bench/results/issue18-gitcosts-$STAMP.md
+    COSTS_LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+    ROWS=$WORK/costs.md
+    start_proxy true
+    CRTT=-
+    log "costs: tool start-up"
+    costs_row "git --version (process start)" git --version >>"$ROWS"
+    costs_row "git ls-remote of a local repository" git ls-remote "$WORK/repo" >>"$ROWS"
+    for CRTT in 0 ${RTTS//,/ }; do
+        log "costs: RTT $CRTT ms"
+        "$RELAY" "127.0.0.1:$P_RELAY" "127.0.0.1:$P_UP" $((CRTT / 2)) >"$WORK/logs/relay-costs-$CRTT.log" 2>&1 &
+        RELAY_PID=$!
+        PIDS+=("$RELAY_PID")
+        sleep 0.3
+        curl_proxy && git_proxy >/dev/null # the proxy's pool, and git's page cache
+        {
+            curl_time_row "one request on an open connection, direct (curl time_total)" reused_direct
+            curl_time_row "one request on an open connection, through the proxy (curl time_total)" reused_proxy
+            costs_row "curl, direct (process wall time)" curl_direct
+            costs_row "curl, through the proxy (process wall time)" curl_proxy
+            costs_row "git ls-remote, direct" git_direct
+            costs_row "git ls-remote, through the proxy" git_proxy
+        } >>"$ROWS"
+        GIT_TRACE_CURL=1 GIT_TRACE_CURL_NO_DATA=1 git_direct >/dev/null 2>"$WORK/trace-direct-$CRTT.txt"
+        GIT_TRACE_CURL=1 GIT_TRACE_CURL_NO_DATA=1 git_proxy >/dev/null 2>"$WORK/trace-proxy-$CRTT.txt"
+        stop "$RELAY_PID"
+        forget "$RELAY_PID"
+    done
+    {
+        echo "# Where a call's time goes, issue 18 ($(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short HEAD))"
+        echo
+        echo "\`bench/latency.sh --costs --rtt $RTTS --calls $CALLS\`. Load average before $COSTS_LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg)."
+        echo "Wall time of each process unless noted; RTT 0 is the relay with no added delay (the relay"
+        echo "itself costs about 1 ms each way: tokio's timer rounds each delay up to the next millisecond)."
+        echo
+        echo "| RTT ms | what | p50 ms | min ms | p90 ms |"
+        echo "|---|---|---|---|---|"
+        cat "$ROWS"
+        for CRTT in ${RTTS//,/ }; do
+            echo
+            echo "HTTP requests per \`git ls-remote\` at RTT $CRTT (GIT_TRACE_CURL): direct" \
+                "$(grep -c '=> Send header: GET\|=> Send header: POST' "$WORK/trace-direct-$CRTT.txt")," \
+                "through the proxy $(grep -c '=> Send header: GET\|=> Send header: POST' "$WORK/trace-proxy-$CRTT.txt")."
+            echo "Direct, from git's trace (ms after its first HTTP line, which follows its process start-up): $(awk '
+                { split($1, t, ":"); s = t[1] * 3600 + t[2] * 60 + t[3]; if (!t0) t0 = s }
+                /Trying/ && !a { a = 1; printf "connect %.1f; ", (s - t0) * 1000 }
+                /ALPN: offers/ && !b { b = 1; printf "CA certificates loaded %.1f; ", (s - t0) * 1000 }
+                /SSL connection using/ && !c { c = 1; printf "TLS done %.1f; ", (s - t0) * 1000 }
+                /Recv header: HTTP/ && !d { d = 1; printf "response %.1f; ", (s - t0) * 1000 }
+                END { printf "exit %.1f.", (s - t0) * 1000 }' "$WORK/trace-direct-$CRTT.txt")"
+            echo "Through the proxy: $(awk '
+                { split($1, t, ":"); s = t[1] * 3600 + t[2] * 60 + t[3]; if (!t0) t0 = s }
+                /Trying/ && !a { a = 1; printf "connect %.1f; ", (s - t0) * 1000 }
+                /Recv header: HTTP/ && !d { d = 1; printf "response %.1f; ", (s - t0) * 1000 }
+                END { printf "exit %.1f.", (s - t0) * 1000 }' "$WORK/trace-proxy-$CRTT.txt")"
+        done
+    } >"$OUT"
+    cat "$OUT"
+    log "wrote $OUT"
+    exit 0
+fi
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date -u +%FT%TZ)

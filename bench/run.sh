@@ -352,6 +352,9 @@ token = { value = "$TOKEN" }
 prefix = "/2.0/repositories/acme"
 credential = "acme"
 rewrite_links = $3
+# Like for like: nginx, HAProxy and the floors forward every request. Coalescing (on by default)
+# would answer wrk's identical concurrent GETs with one upstream request between them.
+coalesce = false
 EOF
 }
 # The proxy watches its config's directory and reloads on any change there: its logs go elsewhere.

@@ -1172,11 +1172,15 @@ async fn refused_credential_fails_fast_without_a_prompt() {
 
 /// `upstream.timeout` bounds the wait for the response head, not the upload: an upstream that
 /// answers only once the whole push has arrived (as a buffering front end does) must not turn a
-/// slow but moving push into a 504.
+/// slow but moving push into a 504. Over h2 (`git_http2 = true`), where the upstream's flow
+/// control paces the upload, so the proxy sees it move for as long as the upstream reads it.
+/// Over HTTP/1.1 (git's default) the proxy sees it move only while it can write: the socket
+/// buffers (several MiB on loopback) take in the last MiB of this push long before this mock,
+/// reading 300 ms per MiB, has read it, so a 1 s `timeout` runs out (docs/configuration.md).
 #[tokio::test]
 async fn slow_push_outlasts_the_response_head_timeout() {
     let Some(fx) = Fixture::start(Options {
-        upstream_lines: "timeout = \"1s\"\nidle_timeout = \"10s\"",
+        upstream_lines: "timeout = \"1s\"\nidle_timeout = \"10s\"\ngit_http2 = true",
         respond_after_body: true,
         pause_per_mib: Duration::from_millis(300),
         ..Options::default()

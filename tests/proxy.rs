@@ -1366,6 +1366,40 @@ async fn upstream_version_follows_alpn_and_connections_are_pooled() {
     }
 }
 
+/// A git origin of its own gets HTTP/1.1 (one connection per transfer) unless
+/// `upstream.git_http2`, while the API keeps h2; with keep_warm the spare follows the same offer.
+#[tokio::test]
+async fn git_origin_is_offered_http1_unless_git_http2() {
+    let pki = TestPki::new();
+    for (upstream, git_version) in [
+        ("", Version::HTTP_11),
+        ("git_http2 = true", Version::HTTP_2),
+    ] {
+        for warm in [false, true] {
+            let api = echo_mock(&pki);
+            let git = echo_mock(&pki);
+            let mut setup = Setup::new(&api.base_url(), pki.ca_path())
+                .git_url(&git.base_url())
+                .upstream(upstream);
+            if warm {
+                setup = setup.keep_warm();
+            }
+            let proxy = setup.start().await;
+            for path in [
+                "/git/acme/widgets.git/info/refs?service=git-upload-pack",
+                "/2.0/repositories/acme/widgets",
+            ] {
+                let response = get(proxy.addr, path).await;
+                assert_eq!(response.status(), StatusCode::OK, "{upstream:?} {path}");
+                drain_body(response.into_body()).await;
+            }
+            let case = format!("{upstream:?}, keep_warm {warm}");
+            assert_eq!(git.requests()[0].version, git_version, "{case}");
+            assert_eq!(api.requests()[0].version, Version::HTTP_2, "{case}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn shutdown_drains_when_idle() {
     let pki = TestPki::new();

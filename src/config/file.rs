@@ -114,8 +114,10 @@ pub struct UpstreamSection {
     pub idle_timeout: Option<DurationText>,
     /// How often credentials with `verify = true` are checked. Default: "10m".
     pub verify_interval: Option<DurationText>,
-    /// Offer HTTP/2 to the upstream. Default: true.
+    /// Offer HTTP/2 to the upstream (to the git origin too when it is the API's). Default: true.
     pub http2: Option<bool>,
+    /// Offer HTTP/2 to `git_url` when it is not the API's origin. Default: false.
+    pub git_http2: Option<bool>,
     /// Keep a connected spare to each upstream origin the routes use. Default: true.
     pub keep_warm: Option<bool>,
     /// An http:// egress proxy to tunnel through with CONNECT. Default: from HTTPS_PROXY etc.

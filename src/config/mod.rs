@@ -191,8 +191,11 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// How often credentials with `verify = true` are checked against Bitbucket.
     pub verify_interval: Duration,
-    /// `upstream.http2`: offer HTTP/2 in ALPN (else HTTP/1.1 only).
+    /// `upstream.http2`: offer HTTP/2 in ALPN (else HTTP/1.1 only) to the API origin, and to
+    /// the git origin when it is the same.
     pub http2: bool,
+    /// `upstream.git_http2`: offer HTTP/2 to the git origin when it is not the API's.
+    pub git_http2: bool,
     /// `upstream.keep_warm`: hold a connected spare to every origin the routes use.
     pub keep_warm: bool,
     /// `upstream.proxy`: the HTTP proxy to tunnel through (else the environment's, if any).

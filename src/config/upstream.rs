@@ -70,6 +70,7 @@ pub(super) fn upstream_settings(
             DEFAULT_VERIFY_INTERVAL,
         ),
         http2: section.http2.unwrap_or(true),
+        git_http2: section.git_http2.unwrap_or(false),
         keep_warm: section.keep_warm.unwrap_or(true),
         proxy: egress_proxy(issues, section, base_dir),
     }

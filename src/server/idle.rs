@@ -18,7 +18,9 @@
 //! `PARK_AFTER` would have that partial head dropped with the connection; no HTTP client does.)
 //! The byte that wakes a parked socket is kept and replayed to the next hyper connection.
 //!
-//! Uses only tokio's I/O traits; what a connection is served with stays in [`crate::server::listener`].
+//! Uses only tokio's I/O traits and [`crate::server::trim`] (told of each park, so the memory freed by a
+//! wave of parks goes back to the system); what a connection is served with stays in
+//! [`crate::server::listener`].
 
 use std::io;
 use std::pin::Pin;
@@ -187,6 +189,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for ParkingIo<I> {
             Poll::Pending if this.may_park() => {
                 if let Some(inner) = this.inner.take() {
                     *this.slot.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(inner);
+                    crate::server::trim::note_parked();
                 }
                 // Hyper reads the end of the stream between requests: a clean close.
                 Poll::Ready(Ok(()))

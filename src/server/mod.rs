@@ -12,3 +12,4 @@ pub mod idle;
 pub mod limits;
 pub mod listener;
 pub mod stall;
+pub mod trim;

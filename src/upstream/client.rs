@@ -12,7 +12,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
 use crate::base::body::UpstreamRequestBody;
-use crate::config::UpstreamSettings;
+use crate::config::{Origin, UpstreamSettings};
+use crate::upstream::alpn::{OriginAlpnConnector, same_origin};
 use crate::upstream::egress::EgressConnector;
 use crate::upstream::warm::WarmConnector;
 
@@ -37,6 +38,15 @@ fn root_store(settings: &UpstreamSettings) -> RootCertStore {
     roots
 }
 
+fn origin_uri(origin: &Origin) -> Uri {
+    Uri::builder()
+        .scheme(origin.scheme.clone())
+        .authority(origin.authority.clone())
+        .path_and_query("/")
+        .build()
+        .expect("a validated origin is a valid URI")
+}
+
 pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -45,8 +55,9 @@ pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-/// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN (and
-/// `upstream.http2` allows it), HTTP/1.1 otherwise. Certificates are always verified; there is
+/// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN and
+/// the proxy offers it to that origin (`upstream.http2`, `upstream.git_http2`: see
+/// [`crate::upstream::alpn`]), HTTP/1.1 otherwise. Certificates are always verified; there is
 /// no switch to turn that off. With `upstream.keep_warm`, `warm_origins` get a connected spare
 /// (see [`crate::upstream::warm`]); the returned connector reports on them.
 pub fn build_client(
@@ -60,15 +71,31 @@ pub fn build_client(
     http.set_nodelay(true);
     http.set_keepalive(Some(TCP_KEEPALIVE));
     let egress = EgressConnector::new(http, settings.proxy.as_ref());
-    let http1 = HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(settings))
-        .https_or_http()
-        .enable_http1();
+    let tls = tls_config(settings);
     // ALPN offers `h2, http/1.1` or `http/1.1` alone; the server picks from what is offered.
-    let https = if settings.http2 {
-        http1.enable_http2().wrap_connector(egress)
+    let connector = |offer_h2: bool| {
+        let http1 = HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1();
+        if offer_h2 {
+            http1.enable_http2().wrap_connector(egress.clone())
+        } else {
+            http1.wrap_connector(egress.clone())
+        }
+    };
+    // Git's own offer needs an origin of its own: one origin is one pool.
+    let git_origin = origin_uri(&settings.git);
+    let https = if settings.git_http2 != settings.http2
+        && !same_origin(&origin_uri(&settings.api), &git_origin)
+    {
+        OriginAlpnConnector::with_git(
+            connector(settings.http2),
+            git_origin,
+            connector(settings.git_http2),
+        )
     } else {
-        http1.wrap_connector(egress)
+        OriginAlpnConnector::uniform(connector(settings.http2))
     };
     let warm_origins = if settings.keep_warm {
         warm_origins

@@ -6,6 +6,7 @@
 //! Built from settings by [`crate::runtime`]. Uses [`crate::base`], [`crate::bitbucket`],
 //! [`crate::config`] (settings only) and [`crate::telemetry`]; knows nothing of routes.
 
+pub mod alpn;
 pub mod client;
 pub mod credential;
 pub mod egress;

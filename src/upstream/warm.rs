@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -37,9 +37,9 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::base::body::BoxError;
-use crate::upstream::egress::EgressConnector;
+use crate::upstream::alpn::{OriginAlpnConnector, same_origin};
 
-type Inner = HttpsConnector<EgressConnector>;
+type Inner = OriginAlpnConnector;
 type InnerStream = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 /// A spare closed sooner than this after opening counts as a failure for the backoff: an
@@ -125,22 +125,6 @@ impl WarmConnector {
             .iter()
             .find(|k| same_origin(&k.origin, dst))
     }
-}
-
-fn default_port(uri: &Uri) -> Option<u16> {
-    uri.port_u16().or_else(|| match uri.scheme_str() {
-        Some("https") => Some(443),
-        Some("http") => Some(80),
-        _ => None,
-    })
-}
-
-fn same_origin(a: &Uri, b: &Uri) -> bool {
-    a.scheme() == b.scheme()
-        && a.host()
-            .zip(b.host())
-            .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
-        && default_port(a) == default_port(b)
 }
 
 impl Service<Uri> for WarmConnector {
@@ -389,26 +373,5 @@ mod tests {
         assert_eq!(backoff(3), MIN_BACKOFF * 4);
         assert_eq!(backoff(8), MAX_BACKOFF);
         assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn origins_match_on_scheme_host_and_effective_port() {
-        let origin: Uri = "https://api.bitbucket.org".parse().unwrap();
-        assert!(same_origin(
-            &origin,
-            &"https://API.bitbucket.org:443/".parse().unwrap()
-        ));
-        assert!(!same_origin(
-            &origin,
-            &"http://api.bitbucket.org/".parse().unwrap()
-        ));
-        assert!(!same_origin(
-            &origin,
-            &"https://api.bitbucket.org:8443/".parse().unwrap()
-        ));
-        assert!(!same_origin(
-            &origin,
-            &"https://bitbucket.org/".parse().unwrap()
-        ));
     }
 }
