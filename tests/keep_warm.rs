@@ -106,6 +106,12 @@ async fn the_first_request_travels_on_a_connection_opened_at_start_up() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The proxy counts the spare as connected once its side of the TLS handshake is done;
+        // the upstream counts it a moment later, when it has read the client's Finished.
+        wait_until(Duration::from_secs(5), "the spare's handshake", || {
+            upstream.handshakes() >= 1
+        })
+        .await;
         assert_eq!(
             upstream.handshakes(),
             1,
