@@ -17,7 +17,8 @@
 //! over them, first each on its own, then sharing a real `redis-server` through `[store]`
 //! (shared cache, fill lock, one budget). Skipped when redis-server is not installed.
 
-mod store_support;
+mod bench_support;
+use bench_support::{arg, percentile};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -380,19 +381,8 @@ async fn run(mode: Mode, trace: Trace, store: &str) -> Run {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -417,7 +407,7 @@ fn main() {
         max_age: duration("--max-age", "5s"),
         replicas: number("--replicas", 3).max(1),
     };
-    let redis = store_support::Redis::start();
+    let redis = bench_support::Redis::start();
     let store = redis.as_ref().map_or(String::new(), |r| r.store_table());
     let mut modes = vec![
         Mode::Direct,
@@ -430,7 +420,7 @@ fn main() {
     } else {
         println!(
             "{} missing: the [store] mode is skipped\n",
-            store_support::REDIS_SERVER
+            bench_support::REDIS_SERVER
         );
     }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

@@ -12,7 +12,8 @@
 //!   memory, which with `[store]` checks its generations in Redis;
 //! - shared hit (store only): an entry another replica fetched, read from Redis.
 
-mod store_support;
+mod bench_support;
+use bench_support::{arg, percentile};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -160,18 +161,8 @@ fn target(path: Path_, round: usize, n: usize) -> String {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)
-}
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -179,10 +170,10 @@ fn main() {
     let requests: usize = arg(&args, "--requests").map_or(2000, |v| v.parse().expect("a number"));
     let rounds = 4;
     let per_round = (requests / rounds).max(1);
-    let Some(redis) = store_support::Redis::start() else {
+    let Some(redis) = bench_support::Redis::start() else {
         println!(
             "{} missing: nothing to measure",
-            store_support::REDIS_SERVER
+            bench_support::REDIS_SERVER
         );
         return;
     };

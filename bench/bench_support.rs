@@ -1,6 +1,7 @@
-//! A real `redis-server` for the benchmarks that run replicas against the shared store
-//! (`[store]`), started as tests/support/redis.rs does: a free loopback port, a temporary
-//! directory, no persistence; killed when dropped.
+//! What the fleet and store-latency benchmarks share: a real `redis-server` for runs against
+//! the shared store (`[store]`), started as tests/support/redis.rs does (a free loopback port, a
+//! temporary directory, no persistence; killed when dropped), command-line options and
+//! percentiles.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -62,4 +63,16 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The value after `name` on the command line, if any.
+pub fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
