@@ -1,4 +1,4 @@
-//! One credential's request budget: the [governor](governor) (rate_limit, Bitbucket's
+//! One credential's request budget: the [governor] (rate_limit, Bitbucket's
 //! reported figures, NearLimit pacing), the [429 cool-down](cooldown), and their metrics, behind
 //! the two calls the request path makes:
 //!

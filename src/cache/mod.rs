@@ -15,7 +15,7 @@
 //! upstream requests that started before it. Immutable entries go only with a write to the
 //! repository itself (a rename, transfer or deletion): no other write changes a commit.
 //!
-//! With `[store]`, [`shared`] extends this across replicas: a local miss looks in Redis (in the
+//! With `[store]`, `shared` extends this across replicas: a local miss looks in Redis (in the
 //! leader of the local flight, so in-process coalescing stays exact), answers are written there
 //! too, and writes start new generations of what they drop on every replica.
 //!

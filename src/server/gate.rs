@@ -58,8 +58,8 @@ pub fn raw_http1_response(error: &ProxyError) -> Bytes {
     [head.as_bytes(), &body].concat().into()
 }
 
-/// Sends `refusal` once the peer's request head is in (or after [`REFUSAL_HEAD_WAIT`]) and
-/// closes the connection, then drains the peer's input for the rest of [`REFUSAL_LINGER`] so
+/// Sends `refusal` once the peer's request head is in (or after `REFUSAL_HEAD_WAIT`) and
+/// closes the connection, then drains the peer's input for the rest of `REFUSAL_LINGER` so
 /// the close does not turn into a reset. Holds no connection slot meanwhile.
 pub fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Bytes) {
     tracing::info!(
