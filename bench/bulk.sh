@@ -33,6 +33,8 @@ while (($#)); do
     shift
 done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/pki.sh
+source "$ROOT/bench/pki.sh"
 export PATH=$PATH:/usr/sbin:/sbin
 log() { printf '[bulk %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -69,18 +71,7 @@ TOKEN="bench-$(openssl rand -hex 16)"
 GIT_AUTH="Basic $(printf 'x-token-auth:%s' "$TOKEN" | base64 -w0)"
 PACK_PATH=/acme/widgets.git/objects/pack/pack-bench.pack
 mkdir -p "$WORK/pki" "$WORK/www" "$WORK/upstream"
-(
-    cd "$WORK/pki"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=bench throwaway CA" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.pem
-    openssl ecparam -name prime256v1 -genkey -noout -out leaf.key
-    openssl req -new -key leaf.key -subj "/CN=127.0.0.1" -out leaf.csr
-    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
-        "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1" >leaf.ext
-    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 \
-        -extfile leaf.ext -out leaf.pem
-) 2>"$WORK/pki.log" || die "openssl failed"
+throwaway_pki "$WORK/pki" 2>"$WORK/pki.log" || die "openssl failed"
 CA=$WORK/pki/ca.pem
 head -c $((MIB << 20)) /dev/urandom >"$WORK/www/pack"
 NGINX_USER=""

@@ -53,6 +53,8 @@ while (($#)); do
 done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/pki.sh
+source "$ROOT/bench/pki.sh"
 export PATH=$PATH:/usr/sbin:/sbin
 log() { printf '[latency %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -115,20 +117,7 @@ PAGE_PATH=/2.0/repositories/acme/widgets
 
 # --- Throwaway CA and an ECDSA P-256 leaf for 127.0.0.1; content --------------------------------
 mkdir -p "$WORK/pki" "$WORK/www" "$WORK/proxy" "$WORK/logs"
-(
-    cd "$WORK/pki"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=bench throwaway CA" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.pem
-    openssl ecparam -name prime256v1 -genkey -noout -out leaf.key
-    openssl req -new -key leaf.key -subj "/CN=127.0.0.1" -out leaf.csr
-    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
-        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
-        "subjectAltName=IP:127.0.0.1" >leaf.ext
-    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 \
-        -extfile leaf.ext -out leaf.pem
-) 2>"$WORK/pki.log" || { cat "$WORK/pki.log" >&2; die "openssl failed"; }
+throwaway_pki "$WORK/pki" 2>"$WORK/pki.log" || { cat "$WORK/pki.log" >&2; die "openssl failed"; }
 CA=$WORK/pki/ca.pem
 printf '{"type":"repository","full_name":"acme/widgets","slug":"widgets","scm":"git"}' \
     >"$WORK/www/page.json"
