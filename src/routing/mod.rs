@@ -103,12 +103,7 @@ impl RouteTable {
     /// The route table of `config` with credentials of its own (for tools, tests and fuzz
     /// targets; a running proxy builds one per generation with [`RouteTable::build`]).
     pub fn from_config(config: &Config) -> RouteTable {
-        let credentials: Vec<Arc<Credential>> = config
-            .credentials
-            .iter()
-            .map(|settings| Arc::new(Credential::from_settings(settings)))
-            .collect();
-        RouteTable::build(config, &credentials)
+        RouteTable::build(config, &Credential::all_of(config))
     }
 
     /// The route table of `config`, each route holding the live credential of the same name

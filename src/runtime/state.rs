@@ -76,11 +76,7 @@ impl Generation {
                 (client, warm, Instant::now())
             }
         };
-        let credentials: Vec<Arc<Credential>> = config
-            .credentials
-            .iter()
-            .map(|settings| Arc::new(Credential::from_settings(settings)))
-            .collect();
+        let credentials = Credential::all_of(&config);
         let routes = RouteTable::build(&config, &credentials);
         let patterns = Arc::new(RewritePatterns::new(&config));
         let store = match (previous, &config.store) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::bitbucket::credentials::{CredentialAuth, CredentialSettings, UpstreamKind};
+use crate::config::Config;
 use crate::upstream::client::UpstreamClient;
 use crate::upstream::oauth::{OAuthClient, TokenError};
 
@@ -67,6 +68,15 @@ impl Credential {
             settings: settings.clone(),
             auth,
         }
+    }
+
+    /// One live credential per `[[credentials]]` of `config`, in its order.
+    pub fn all_of(config: &Config) -> Vec<Arc<Credential>> {
+        config
+            .credentials
+            .iter()
+            .map(|settings| Arc::new(Credential::from_settings(settings)))
+            .collect()
     }
 
     /// The precomputed, sensitive header for `upstream`, for credentials that have one;
