@@ -58,7 +58,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    remove_listed(headers, &[&HOP_BY_HOP]);
+}
+
+/// Removes every header named in `lists`. A map holds few names and a lookup hashes its name,
+/// so one pass over the map's names beats a lookup per listed name (25 for a request).
+fn remove_listed(headers: &mut HeaderMap, lists: &[&[HeaderName]]) {
+    let listed = |name: &&HeaderName| lists.iter().any(|list| list.contains(name));
+    while let Some(name) = headers.keys().find(listed).cloned() {
         headers.remove(name);
     }
 }
@@ -66,9 +73,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares client headers for the upstream; the caller then inserts the credential.
 pub fn sanitize_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    for name in &CLIENT_ONLY {
-        headers.remove(name);
-    }
+    remove_listed(headers, &[&CLIENT_ONLY]);
 }
 
 /// Prepares upstream headers for the client. `Set-Cookie` is dropped: a session cookie issued

@@ -122,6 +122,9 @@ fn hex_value(b: u8) -> Option<u8> {
 /// the path has no escapes (the common case, no allocation).
 pub fn decoded_for_routing(path: &str) -> Vec<Vec<u8>> {
     let mut forms = Vec::new();
+    if !path.contains('%') {
+        return forms;
+    }
     let mut form = path.as_bytes().to_vec();
     while forms.len() < 2 && form.contains(&b'%') {
         let Ok(decoded) = percent_decode(&form, Strictness::Lenient) else {

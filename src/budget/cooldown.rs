@@ -95,12 +95,12 @@ impl Cooldown {
     /// out, waits up to `probe_wait` for its answer; if none comes in time the request is
     /// refused for a second rather than sent alongside the probe.
     /// The second value says whether the request waited for a probe.
-    pub async fn enter(&self, probe_wait: Duration) -> (Gate, bool) {
+    pub async fn enter(&self, now: Instant, probe_wait: Duration) -> (Gate, bool) {
         // The common case takes one uncontended lock and no waiter registration.
-        if let Some(gate) = self.gate(Instant::now()) {
+        if let Some(gate) = self.gate(now) {
             return (gate, false);
         }
-        let deadline = Instant::now() + probe_wait;
+        let deadline = now + probe_wait;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -312,7 +312,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_probe_after_the_cool_down_then_open_or_longer() {
         let cooldown = Cooldown::default();
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Pass);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Pass
+        );
         let now = Instant::now();
         assert_eq!(
             cooldown.on_too_many(now, None, false),
@@ -321,20 +327,41 @@ mod tests {
         // A second 429 from a request already in flight does not stack a strike.
         assert_eq!(cooldown.on_too_many(now, None, false), None);
         assert_eq!(
-            cooldown.enter(Duration::from_secs(5)).await.0,
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
             Gate::Refuse(DEFAULT_COOLDOWN)
         );
         tokio::time::advance(DEFAULT_COOLDOWN).await;
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Probe);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Probe
+        );
         // The probe gets 429 again: twice as long.
         assert_eq!(
             cooldown.on_too_many(Instant::now(), None, true),
             Some(DEFAULT_COOLDOWN * 2)
         );
         tokio::time::advance(DEFAULT_COOLDOWN * 2).await;
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Probe);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Probe
+        );
         cooldown.on_answer(true);
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Pass);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Pass
+        );
         assert!(cooldown.status(Instant::now()).is_none());
     }
 
@@ -343,10 +370,18 @@ mod tests {
         let cooldown = std::sync::Arc::new(Cooldown::default());
         cooldown.on_too_many(Instant::now(), Some(Duration::from_secs(2)), false);
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Probe);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Probe
+        );
         let waiter = {
             let cooldown = cooldown.clone();
-            tokio::spawn(async move { cooldown.enter(Duration::from_secs(5)).await })
+            tokio::spawn(
+                async move { cooldown.enter(Instant::now(), Duration::from_secs(5)).await },
+            )
         };
         tokio::task::yield_now().await;
         // The probe went nowhere: the waiter becomes the probe.
@@ -354,7 +389,9 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), (Gate::Probe, true));
         let waiter = {
             let cooldown = cooldown.clone();
-            tokio::spawn(async move { cooldown.enter(Duration::from_secs(5)).await })
+            tokio::spawn(
+                async move { cooldown.enter(Instant::now(), Duration::from_secs(5)).await },
+            )
         };
         tokio::task::yield_now().await;
         cooldown.on_too_many(Instant::now(), Some(Duration::from_secs(40)), true);
@@ -368,10 +405,16 @@ mod tests {
         assert!(status.from_retry_after);
         // A probe that never answers holds the others at most `probe_wait`.
         tokio::time::advance(Duration::from_secs(40)).await;
-        assert_eq!(cooldown.enter(Duration::from_secs(5)).await.0, Gate::Probe);
+        assert_eq!(
+            cooldown
+                .enter(Instant::now(), Duration::from_secs(5))
+                .await
+                .0,
+            Gate::Probe
+        );
         let started = Instant::now();
         assert_eq!(
-            cooldown.enter(Duration::from_secs(5)).await,
+            cooldown.enter(Instant::now(), Duration::from_secs(5)).await,
             (Gate::Refuse(MIN_COOLDOWN), true)
         );
         assert_eq!(started.elapsed(), Duration::from_secs(5));

@@ -110,7 +110,10 @@ impl CredentialBudget {
         probe_wait: Duration,
         shared: Option<Shared>,
     ) -> Result<BudgetPermit, ProxyError> {
-        let (gate, waited) = self.cooldown.enter(probe_wait).await;
+        // One reading of the clock for the whole admission unless it has to wait: a request
+        // reads it often enough on its way through.
+        let arrived = Instant::now();
+        let (gate, waited) = self.cooldown.enter(arrived, probe_wait).await;
         if waited {
             self.metrics.cooldown_waited.inc();
         }
@@ -124,15 +127,15 @@ impl CredentialBudget {
             },
             shared,
         };
-        let deadline = Instant::now() + max_wait;
-        let probe_deadline = Instant::now() + probe_wait;
+        let mut now = if waited { Instant::now() } else { arrived };
+        let deadline = now + max_wait;
+        let probe_deadline = now + probe_wait;
         // The fleet's probe holds its turn as long as a local probe may wait for its answer.
         let probe_ttl = probe_wait + Duration::from_secs(1);
         let mut delayed = false;
         let mut poll = Duration::from_millis(10);
         let mut probe_waited = false;
         let (admission, sent, limit) = loop {
-            let now = Instant::now();
             match self.attempt(permit.shared.as_ref(), now, probe_ttl).await? {
                 Attempt::Admitted(admission, sent, limit) => break (admission, sent, limit),
                 Attempt::CoolingDown(wait) => {
@@ -165,6 +168,8 @@ impl CredentialBudget {
                     });
                 }
             }
+            // Only after a wait.
+            now = Instant::now();
         };
         self.metrics.admitted(sent, limit);
         permit.admission = Some(admission);
@@ -354,10 +359,9 @@ impl UpstreamAttempt {
     /// Bitbucket answered: keep its `X-RateLimit-*` figures, start a cool-down on 429, end one
     /// if this was the probe and the answer is anything else. A cool-down is written to the
     /// shared store before the 429 goes back to the client (at most `store.timeout`), so the
-    /// other replicas hold their requests from then on.
-    pub async fn answered(mut self, status: StatusCode, headers: &HeaderMap) {
+    /// other replicas hold their requests from then on. `now` is when the answer's head arrived.
+    pub async fn answered(mut self, now: Instant, status: StatusCode, headers: &HeaderMap) {
         let budget = &self.budget;
-        let now = Instant::now();
         let probe = std::mem::take(&mut self.probe);
         let shared = self.shared.take();
         let mut shared_probe = self.shared_probe.take();
@@ -468,7 +472,7 @@ mod tests {
             .unwrap();
         spent
             .spend()
-            .answered(StatusCode::OK, &HeaderMap::new())
+            .answered(Instant::now(), StatusCode::OK, &HeaderMap::new())
             .await;
         assert!(matches!(
             budget.acquire(Duration::ZERO, PROBE_WAIT, None).await,
@@ -485,7 +489,11 @@ mod tests {
             .unwrap();
         first
             .spend()
-            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("1"))
+            .answered(
+                Instant::now(),
+                StatusCode::TOO_MANY_REQUESTS,
+                &too_many("1"),
+            )
             .await;
         tokio::time::advance(Duration::from_secs(1)).await;
         let probe = budget
@@ -512,7 +520,7 @@ mod tests {
         assert!(again.is_probe());
         again
             .spend()
-            .answered(StatusCode::OK, &HeaderMap::new())
+            .answered(Instant::now(), StatusCode::OK, &HeaderMap::new())
             .await;
         let open = budget
             .acquire(Duration::ZERO, PROBE_WAIT, None)
@@ -540,7 +548,11 @@ mod tests {
         };
         tokio::task::yield_now().await;
         first
-            .answered(StatusCode::TOO_MANY_REQUESTS, &too_many("30"))
+            .answered(
+                Instant::now(),
+                StatusCode::TOO_MANY_REQUESTS,
+                &too_many("30"),
+            )
             .await;
         match delayed.await.unwrap() {
             Err(ProxyError::CoolingDown { retry_after_s, .. }) => assert_eq!(retry_after_s, 29),

@@ -147,7 +147,7 @@ impl Cache {
             return Plan::Bypass(CacheStatus::Bypass);
         }
         let scope = key::repository_scope(route.upstream, &upstream_path);
-        let mut target = upstream_path;
+        let mut target = upstream_path.into_owned();
         if let Some(query) = request.uri().query() {
             target.push('?');
             target.push_str(query);

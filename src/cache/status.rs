@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 
-/// The RFC 9211 cache name in `Cache-Status`.
-const CACHE_NAME: &str = "bitbucket-auth-proxy";
 pub(super) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How a request was answered, for `Cache-Status` and the access log.
@@ -53,19 +51,15 @@ impl CacheStatus {
         )
     }
 
-    /// The `Cache-Status` header (RFC 9211) for a response answered this way.
+    /// The `Cache-Status` header (RFC 9211) for a response answered this way. Without a TTL
+    /// or forwarded status, as on every response that went upstream, it is a constant and
+    /// allocates nothing.
     pub fn header(self, ttl: Option<Duration>, fwd_status: Option<StatusCode>) -> HeaderValue {
-        let mut text = String::from(CACHE_NAME);
-        text.push_str(match self {
-            CacheStatus::Hit => "; hit",
-            CacheStatus::Shared => "; hit; detail=shared",
-            CacheStatus::Stale => "; fwd=stale",
-            CacheStatus::Miss => "; fwd=miss",
-            CacheStatus::Coalesced => "; fwd=miss; collapsed",
-            CacheStatus::Method => "; fwd=method",
-            CacheStatus::Request => "; fwd=request",
-            CacheStatus::Bypass => "; fwd=bypass",
-        });
+        let plain = self.plain_header();
+        if ttl.is_none() && fwd_status.is_none() {
+            return HeaderValue::from_static(plain);
+        }
+        let mut text = plain.to_owned();
         if let Some(status) = fwd_status {
             text.push_str(&format!("; fwd-status={}", status.as_u16()));
         }
@@ -73,6 +67,25 @@ impl CacheStatus {
             text.push_str(&format!("; ttl={}", ttl.as_secs()));
         }
         HeaderValue::from_str(&text).expect("cache status text is plain ASCII")
+    }
+
+    fn plain_header(self) -> &'static str {
+        /// The RFC 9211 cache name, then the parameters.
+        macro_rules! named {
+            ($parameters:literal) => {
+                concat!("bitbucket-auth-proxy", $parameters)
+            };
+        }
+        match self {
+            CacheStatus::Hit => named!("; hit"),
+            CacheStatus::Shared => named!("; hit; detail=shared"),
+            CacheStatus::Stale => named!("; fwd=stale"),
+            CacheStatus::Miss => named!("; fwd=miss"),
+            CacheStatus::Coalesced => named!("; fwd=miss; collapsed"),
+            CacheStatus::Method => named!("; fwd=method"),
+            CacheStatus::Request => named!("; fwd=request"),
+            CacheStatus::Bypass => named!("; fwd=bypass"),
+        }
     }
 
     /// Marks a response: the header for the client, the extension for the access log.
@@ -105,6 +118,10 @@ mod tests {
         assert_eq!(
             CacheStatus::Stale.header(None, Some(StatusCode::TOO_MANY_REQUESTS)),
             "bitbucket-auth-proxy; fwd=stale; fwd-status=429"
+        );
+        assert_eq!(
+            CacheStatus::Bypass.header(None, None),
+            "bitbucket-auth-proxy; fwd=bypass"
         );
     }
 }

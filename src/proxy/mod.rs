@@ -20,18 +20,19 @@
 
 pub mod admin;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::base::body::RequestBytes;
 use crate::base::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
@@ -43,7 +44,7 @@ use crate::error::ProxyError;
 use crate::rewrite;
 use crate::routing::{Route, RouteTable};
 use crate::runtime::state::{Generation, SharedState};
-use crate::telemetry::metrics::{KindLabels, Metrics, RouteLabels};
+use crate::telemetry::metrics::{KindLabels, Metrics};
 use crate::telemetry::request_id::UpstreamExchange;
 use admin::ListenerRole;
 
@@ -237,7 +238,7 @@ pub async fn fetch_upstream(
     let replay = Replay::of(&upstream_request);
     let started = Instant::now();
     let attempt = permit.map(BudgetPermit::spend);
-    let mut forwarded = forward(generation, upstream_request, replay.as_ref()).await;
+    let mut forwarded = forward(generation, upstream_request, replay.as_ref(), started).await;
     // A 401 for an OAuth token the proxy believed valid: renew (at most once per token, see
     // `crate::upstream::oauth`) and resend, if the request can be sent again unchanged.
     if let (Ok(response), Some(replay)) = (&forwarded, &replay)
@@ -247,14 +248,22 @@ pub async fn fetch_upstream(
             .renew_refused(&authorization, route.upstream, &generation.client, timeout)
             .await?
     {
-        forwarded = forward(generation, replay.request(Some(renewed)), Some(replay)).await;
+        let resent = Instant::now();
+        forwarded = forward(
+            generation,
+            replay.request(Some(renewed)),
+            Some(replay),
+            resent,
+        )
+        .await;
     }
     let response = forwarded?;
-    let head_after = started.elapsed();
+    let answered_at = Instant::now();
+    let head_after = answered_at - started;
     record_upstream(metrics, route, head_after);
     if let Some(attempt) = attempt {
         attempt
-            .answered(response.status(), response.headers())
+            .answered(answered_at, response.status(), response.headers())
             .await;
     }
     let exchange = UpstreamExchange::of(&response, head_after);
@@ -399,13 +408,23 @@ pub fn inject_credential(
 ) -> Result<Request<UpstreamRequestBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     let origin = config.upstream.origin(route.upstream);
-    let mut target = route.upstream_path(parts.uri.path());
-    if let Some(query) = parts.uri.query() {
-        target.push('?');
-        target.push_str(query);
-    }
-    let path_and_query = PathAndQuery::from_maybe_shared(Bytes::from(target))
-        .map_err(|_| ProxyError::BadPath(crate::bitbucket::path::PathError::ControlCharacter))?;
+    let path_and_query = match (
+        route.upstream_path(parts.uri.path()),
+        parts.uri.path_and_query(),
+    ) {
+        // The route forwards the path as the client spelled it: the client's target, unparsed.
+        (Cow::Borrowed(_), Some(unchanged)) => unchanged.clone(),
+        (path, _) => {
+            let mut target = path.into_owned();
+            if let Some(query) = parts.uri.query() {
+                target.push('?');
+                target.push_str(query);
+            }
+            PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| {
+                ProxyError::BadPath(crate::bitbucket::path::PathError::ControlCharacter)
+            })?
+        }
+    };
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(origin.scheme.clone());
     uri.authority = Some(origin.authority.clone());
@@ -435,8 +454,8 @@ pub fn inject_credential(
     ))
 }
 
-/// Phase 5: send upstream and wait for the response head, at most `upstream.timeout` (counted
-/// from the end of the request body, or from its last movement while it still uploads).
+/// Phase 5: send upstream and wait for the response head, at most `upstream.timeout` after
+/// `sent_at` (or after the request body's last movement while it still uploads).
 ///
 /// A GET or HEAD without a body whose connection could not be made (refused, reset or TLS
 /// failure before a byte of the request went out) is tried once more on a fresh connection.
@@ -445,9 +464,10 @@ pub async fn forward(
     generation: &Generation,
     request: Request<UpstreamRequestBody>,
     replay: Option<&Replay>,
+    sent_at: Instant,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = generation.config.upstream.timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = sent_at + timeout;
     // A body still uploading pushes the deadline out: some upstreams answer only once it is in.
     let progress = request.body().progress();
     let first = crate::base::body::timeout_at_unless_moving(
@@ -569,13 +589,7 @@ pub fn rewrite_response(
 /// Upstream latency to the response head, for answers that arrived (their `X-RateLimit-*`
 /// values go to the budget). Failures are counted in [`handle`], where every error ends up.
 fn record_upstream(metrics: &Metrics, route: &Route, head_after: std::time::Duration) {
-    metrics
-        .upstream_latency
-        .get_or_create(&RouteLabels {
-            route: route.prefix.clone(),
-            credential: route.credential.name.clone(),
-        })
-        .observe(head_after.as_secs_f64());
+    metrics.record_upstream_head(route.metrics(), head_after);
 }
 
 fn log_error(error: &ProxyError) {

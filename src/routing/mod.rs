@@ -8,6 +8,7 @@
 #[doc(hidden)]
 pub mod invariant;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -16,6 +17,7 @@ use crate::bitbucket::alias::{self};
 pub use crate::bitbucket::path::segment_prefix_matches;
 use crate::bitbucket::path::{self, PathError};
 use crate::config::{Config, RouteSettings};
+use crate::telemetry::metrics::{RouteRef, RouteSeries};
 use crate::upstream::credential::Credential;
 
 /// Why [`RouteTable::route`] refused a path.
@@ -35,6 +37,8 @@ pub enum RouteError {
 pub struct Route {
     settings: RouteSettings,
     pub credential: Arc<Credential>,
+    /// Its metric series, kept so that recording a request looks nothing up.
+    series: RouteSeries,
 }
 
 impl std::ops::Deref for Route {
@@ -51,6 +55,16 @@ impl Route {
         Route {
             settings: settings.clone(),
             credential,
+            series: RouteSeries::default(),
+        }
+    }
+
+    /// The route as its metrics label it.
+    pub fn metrics(&self) -> RouteRef<'_> {
+        RouteRef {
+            prefix: &self.prefix,
+            credential: &self.credential.name,
+            series: &self.series,
         }
     }
 
@@ -71,18 +85,22 @@ impl Route {
 
     /// The upstream path for a request path this route matched. The matched segments are
     /// replaced whatever their spelling (`Widgets`, `widgets` without `.git`), so Bitbucket sees
-    /// the route's own name for the resource.
-    pub fn upstream_path(&self, request_path: &str) -> String {
+    /// the route's own name for the resource. Borrowed when that changes nothing, as for every
+    /// route whose `upstream_prefix` is its `prefix` and a request that spells it the same way.
+    pub fn upstream_path<'a>(&self, request_path: &'a str) -> Cow<'a, str> {
         let matched = alias::leading_segments_len(request_path, self.pattern.segment_count());
-        let rest = &request_path[matched..];
+        let (spelled, rest) = request_path.split_at(matched);
         let base = self.upstream_base();
+        if spelled == base && !request_path.is_empty() {
+            return Cow::Borrowed(request_path);
+        }
         let mut out = String::with_capacity(base.len() + rest.len() + 1);
         out.push_str(base);
         out.push_str(rest);
         if out.is_empty() {
             out.push('/');
         }
-        out
+        Cow::Owned(out)
     }
 }
 

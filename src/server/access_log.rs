@@ -316,7 +316,7 @@ impl Drop for AccessRecord {
         match pending.admin_endpoint {
             Some(endpoint) => metrics.record_admin_request(endpoint, self.status),
             None => metrics.record_request(&RequestRecord {
-                route: route.map(|r| (&r.prefix, &r.credential.name)),
+                route: route.map(|r| r.metrics()),
                 method: &pending.method,
                 status: self.status,
                 duration,

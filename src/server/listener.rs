@@ -1,11 +1,15 @@
 //! Listeners: bind TCP and unix sockets, accept, and serve each connection with HTTP/1.1 or h2c.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -255,11 +259,14 @@ struct ServeContext {
 
 fn server_builder(server: &ServerSettings) -> auto::Builder<StreamExecutor> {
     let mut builder = auto::Builder::new(StreamExecutor::new(server.send_timeout));
-    // hyper enforces the head timeout (the slowloris bound) only when a timer is set.
+    // No head timeout of hyper's: each connection's task closes a connection with no request
+    // open for `server.header_read_timeout` (`OpenRequests::idle_for`), which bounds a
+    // trickled head (slowloris) the same way, counted from the end of the previous request.
+    // hyper's would arm, allocate and cancel a timer for every request on top of it.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(true);
     builder
@@ -384,6 +391,18 @@ fn serve<I>(
     });
 }
 
+/// What ends or changes a connection's service besides hyper's connection itself.
+enum Control {
+    /// Shutdown's grace period is over.
+    Cut,
+    /// Shutdown began: finish the requests open, take no more.
+    Stop,
+    /// No request open for `server.header_read_timeout`.
+    Idle,
+    /// No request open for [`PARK_AFTER`]: park, if the connection can.
+    Park,
+}
+
 /// Resolves when `signal` turns true; never, if its sender is gone (a `RunningProxy` dropped
 /// without `shutdown` leaves its connections be).
 async fn signalled(mut signal: watch::Receiver<bool>) {
@@ -425,36 +444,64 @@ impl ServeContext {
         if stopping {
             connection.as_mut().graceful_shutdown();
         }
-        let mut park_allowed = true;
-        let mut park_retry = tokio::time::Instant::now();
+        // What else ends or changes the connection. Held apart and polled only when one of
+        // them was woken: the task wakes several times per request, and each poll of a watcher
+        // takes a lock (the shutdown signals) or registers a waker (the idle timers).
+        let mut controls: FuturesUnordered<Pin<Box<dyn Future<Output = Control> + Send + '_>>> =
+            FuturesUnordered::new();
+        controls.push(Box::pin(async {
+            signalled(self.cut.clone()).await;
+            Control::Cut
+        }));
+        if !stopping {
+            controls.push(Box::pin(async {
+                signalled(self.stop.clone()).await;
+                Control::Stop
+            }));
+        }
+        // Before its first request, between requests, or an h2 connection with no stream.
+        controls.push(Box::pin(async {
+            open.idle_for(self.idle_timeout).await;
+            Control::Idle
+        }));
+        controls.push(Box::pin(async {
+            open.idle_for(PARK_AFTER).await;
+            Control::Park
+        }));
         loop {
             tokio::select! {
+                biased;
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         tracing::debug!(?peer, error = %crate::base::error_chain(error.as_ref()), "connection ended with an error");
                     }
                     return !stopping;
                 }
-                () = signalled(self.cut.clone()) => {
-                    tracing::debug!(?peer, "shutdown grace period over: connection closed");
-                    return false;
-                }
-                () = signalled(self.stop.clone()), if !stopping => {
-                    stopping = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                // Before its first request, between requests, or an h2 connection with no stream.
-                () = open.idle_for(self.idle_timeout) => {
-                    tracing::debug!(?peer, "no request for server.header_read_timeout: connection closed");
-                    return false;
-                }
-                () = open.idle_for(PARK_AFTER), if park_allowed && !stopping && slot.may_park() => {
-                    // The connection is polled again on the next turn, and parks if it can.
-                    slot.request();
-                    park_allowed = false;
-                    park_retry = tokio::time::Instant::now() + PARK_AFTER;
-                }
-                () = tokio::time::sleep_until(park_retry), if !park_allowed => park_allowed = true,
+                Some(control) = controls.next() => match control {
+                    Control::Cut => {
+                        tracing::debug!(?peer, "shutdown grace period over: connection closed");
+                        return false;
+                    }
+                    Control::Stop => {
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Control::Idle => {
+                        tracing::debug!(?peer, "no request for server.header_read_timeout: connection closed");
+                        return false;
+                    }
+                    // An h2 connection never parks, nor one that is closing.
+                    Control::Park if !stopping && slot.may_park() => {
+                        // The connection is polled again on the next turn, and parks if it can.
+                        slot.request();
+                        controls.push(Box::pin(async {
+                            tokio::time::sleep(PARK_AFTER).await;
+                            open.idle_for(PARK_AFTER).await;
+                            Control::Park
+                        }));
+                    }
+                    Control::Park => {}
+                },
             }
         }
     }

@@ -5,10 +5,12 @@
 //! and the forwarding phase (`crate::proxy`) reports what the upstream answered in an
 //! [`UpstreamExchange`].
 
+use std::io::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 /// Taken from the client, sent upstream, returned to the client.
@@ -48,9 +50,35 @@ pub fn take_or_make(headers: &HeaderMap) -> HeaderValue {
 pub fn next_id() -> HeaderValue {
     static PREFIX: OnceLock<String> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(1);
-    let prefix = PREFIX.get_or_init(random_prefix);
+    let prefix = PREFIX.get_or_init(random_prefix).as_bytes();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{prefix}-{n}")).expect("hex digits, '-' and digits are valid")
+    let mut id = IdBytes {
+        bytes: [0; ID_CAPACITY],
+        len: prefix.len() + 1,
+    };
+    id.bytes[..prefix.len()].copy_from_slice(prefix);
+    id.bytes[prefix.len()] = b'-';
+    let mut digits = std::io::Cursor::new(&mut id.bytes[id.len..]);
+    write!(digits, "{n}").expect("20 digits fit");
+    id.len += digits.position() as usize;
+    HeaderValue::from_maybe_shared(Bytes::from_owner(id))
+        .expect("hex digits, '-' and digits are valid")
+}
+
+/// 12 hex digits, `-`, and at most the 20 digits of a `u64`.
+const ID_CAPACITY: usize = 12 + 1 + 20;
+
+/// A new id's bytes, kept in place by [`Bytes::from_owner`]: one allocation per id, and the
+/// clones on the upstream request, in the log record and on the response only count references.
+struct IdBytes {
+    bytes: [u8; ID_CAPACITY],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// 48 bits from the OS-seeded keys of std's `RandomState`, mixed with the pid and the clock.
@@ -147,6 +175,8 @@ mod tests {
         assert_eq!(prefix(&ids[0]).len(), 12);
         assert!(ids.iter().all(|id| prefix(id) == prefix(&ids[0])));
         assert!(ids.iter().all(|id| is_valid(id.as_bytes())));
+        let counter = |id: &HeaderValue| id.to_str().unwrap()[13..].parse::<u64>().unwrap();
+        assert!(ids.windows(2).all(|w| counter(&w[1]) > counter(&w[0])));
     }
 
     #[test]

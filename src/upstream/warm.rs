@@ -54,15 +54,19 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_UNSOLICITED: usize = 16 * 1024;
 
 /// The TLS connector, with a spare connection kept ready for each warmed origin.
+///
+/// One `Arc`: hyper-util's client clones its connector for every request, pooled connection or
+/// not, and a clone of the TLS stack inside would be a dozen reference counts each time. The
+/// stack is cloned only in [`Service::call`], when a connection is really opened.
 #[derive(Clone)]
 pub struct WarmConnector {
-    inner: Inner,
-    keepers: Arc<Keepers>,
+    shared: Arc<Shared>,
 }
 
 /// Dropped with the last clone of the connector (the generation's client): the keepers see
 /// their channel close and end, closing their spares.
-struct Keepers {
+struct Shared {
+    inner: Inner,
     origins: Vec<KeeperHandle>,
 }
 
@@ -104,14 +108,13 @@ impl WarmConnector {
             None => Vec::new(),
         };
         WarmConnector {
-            inner,
-            keepers: Arc::new(Keepers { origins }),
+            shared: Arc::new(Shared { inner, origins }),
         }
     }
 
     /// Origins whose first warm connection attempt has not finished yet.
     pub fn unsettled(&self) -> Vec<String> {
-        self.keepers
+        self.shared
             .origins
             .iter()
             .filter(|k| !k.settled.load(Ordering::Acquire))
@@ -120,7 +123,7 @@ impl WarmConnector {
     }
 
     fn keeper_for(&self, dst: &Uri) -> Option<&KeeperHandle> {
-        self.keepers
+        self.shared
             .origins
             .iter()
             .find(|k| same_origin(&k.origin, dst))
@@ -132,13 +135,14 @@ impl Service<Uri> for WarmConnector {
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<WarmStream, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the TLS stack is made ready on its own clone in [`Service::call`].
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let asks = self.keeper_for(&dst).map(|k| k.asks.clone());
-        let connecting = self.inner.call(dst);
+        let mut inner = self.shared.inner.clone();
         Box::pin(async move {
             if let Some(asks) = asks {
                 let (reply, spare) = oneshot::channel();
@@ -149,7 +153,8 @@ impl Service<Uri> for WarmConnector {
                     return Ok(stream);
                 }
             }
-            connecting.await.map(WarmStream::fresh)
+            poll_fn(|cx| inner.poll_ready(cx)).await?;
+            inner.call(dst).await.map(WarmStream::fresh)
         })
     }
 }
@@ -305,8 +310,18 @@ impl WarmStream {
 }
 
 impl Connection for WarmStream {
+    /// What the TCP and TLS layers report, less the `extra` that hyper-util's `HttpConnector`
+    /// attaches (`HttpInfo`, the socket's addresses): the client copies a connection's extra
+    /// into the extensions of every response on it, an allocation per request for something
+    /// the proxy never reads.
     fn connected(&self) -> Connected {
-        self.inner.connected()
+        let reported = self.inner.connected();
+        let connected = Connected::new().proxy(reported.is_proxied());
+        if reported.is_negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
     }
 }
 

@@ -81,11 +81,24 @@ pub fn tls_config(ca_file: &str, alpn: &[&[u8]]) -> Result<rustls::ClientConfig,
     Ok(config)
 }
 
-/// A multi-thread runtime; `TOKIO_WORKER_THREADS` sets its workers, as for the proxy.
+/// The runtime the proxy would run with (src/cli/mod.rs): `TOKIO_WORKER_THREADS` workers, or
+/// one per usable CPU; tokio's current-thread scheduler when that is one.
 pub fn runtime() -> Result<tokio::runtime::Runtime, Error> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    let workers = match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(value) => value
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| format!("TOKIO_WORKER_THREADS={value:?} is not a number"))?,
+        Err(_) => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    };
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 /// Serves HTTP/1.1 on `listen` for ever; every request goes to `forward`. A failed forward is

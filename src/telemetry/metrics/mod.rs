@@ -6,7 +6,7 @@ pub mod budget;
 pub mod cache;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -105,6 +105,8 @@ pub struct Metrics {
     /// The empty route and credential label of requests no route took (admin paths, 404s),
     /// allocated once rather than per request.
     no_route: Arc<str>,
+    /// The series of requests no route took.
+    no_route_series: RouteSeries,
 }
 
 impl Default for Metrics {
@@ -117,6 +119,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut metrics = Metrics {
             no_route: Arc::from(NO_ROUTE),
+            no_route_series: RouteSeries::default(),
             requests: Family::default(),
             admin_requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -254,32 +257,53 @@ impl Metrics {
     }
 
     pub fn record_request(&self, request: &RequestRecord<'_>) {
-        let (route, credential) = request.route.map_or_else(
-            || (self.no_route.clone(), self.no_route.clone()),
-            |(r, c)| (r.clone(), c.clone()),
-        );
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                credential: credential.clone(),
-                method: method_label(request.method),
-                status_class: status_class(request.status),
+        let route = request.route.unwrap_or(RouteRef {
+            prefix: &self.no_route,
+            credential: &self.no_route,
+            series: &self.no_route_series,
+        });
+        let (method_index, method) = method_label(request.method);
+        let (class_index, status_class) = status_class(request.status);
+        route.series.requests[method_index][class_index]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: route.prefix.clone(),
+                        credential: route.credential.clone(),
+                        method,
+                        status_class,
+                    })
+                    .clone()
             })
             .inc();
-        let labels = RouteLabels { route, credential };
-        self.request_duration
-            .get_or_create(&labels)
+        route
+            .series
+            .request_duration
+            .get_or_init(|| self.request_duration.get_or_create(&route.labels()).clone())
             .observe(request.duration.as_secs_f64());
         if request.bytes_in > 0 {
-            self.bytes_in
-                .get_or_create(&labels)
+            route
+                .series
+                .bytes_in
+                .get_or_init(|| self.bytes_in.get_or_create(&route.labels()).clone())
                 .inc_by(request.bytes_in);
         }
         if request.bytes_out > 0 {
-            self.bytes_out
-                .get_or_create(&labels)
+            route
+                .series
+                .bytes_out
+                .get_or_init(|| self.bytes_out.get_or_create(&route.labels()).clone())
                 .inc_by(request.bytes_out);
         }
+    }
+
+    /// How long the upstream took to send a response head for a request through `route`.
+    pub fn record_upstream_head(&self, route: RouteRef<'_>, head_after: Duration) {
+        route
+            .series
+            .upstream_latency
+            .get_or_init(|| self.upstream_latency.get_or_create(&route.labels()).clone())
+            .observe(head_after.as_secs_f64());
     }
 
     /// Counts a request for an admin endpoint; nothing else about it is recorded.
@@ -287,7 +311,7 @@ impl Metrics {
         self.admin_requests
             .get_or_create(&AdminLabels {
                 endpoint,
-                status_class: status_class(status),
+                status_class: status_class(status).1,
             })
             .inc();
     }
@@ -295,7 +319,8 @@ impl Metrics {
 
 /// What one finished request contributes.
 pub struct RequestRecord<'a> {
-    pub route: Option<(&'a Arc<str>, &'a Arc<str>)>,
+    /// `None` for a request no route took.
+    pub route: Option<RouteRef<'a>>,
     pub method: &'a Method,
     pub status: StatusCode,
     pub duration: Duration,
@@ -303,26 +328,68 @@ pub struct RequestRecord<'a> {
     pub bytes_out: u64,
 }
 
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
+/// A route as its metrics see it: the label values and the route's [`RouteSeries`].
+#[derive(Clone, Copy)]
+pub struct RouteRef<'a> {
+    pub prefix: &'a Arc<str>,
+    pub credential: &'a Arc<str>,
+    pub series: &'a RouteSeries,
+}
+
+impl RouteRef<'_> {
+    fn labels(&self) -> RouteLabels {
+        RouteLabels {
+            route: self.prefix.clone(),
+            credential: self.credential.clone(),
+        }
     }
 }
 
-fn status_class(status: StatusCode) -> &'static str {
+/// The label sets `method_label` folds methods into.
+const METHODS: usize = 8;
+/// The label sets `status_class` folds statuses into.
+const STATUS_CLASSES: usize = 5;
+
+/// One route's series, each looked up in its family on first use and kept: a family lookup
+/// hashes and compares every label under a lock, and a request records four or five series.
+/// A series appears in the exposition only once something is recorded in it, as before.
+/// Looked up by label values in a registry that outlives config generations, so a route that a
+/// reload keeps goes on counting in the same series.
+#[derive(Default)]
+pub struct RouteSeries {
+    requests: [[OnceLock<Counter>; STATUS_CLASSES]; METHODS],
+    request_duration: OnceLock<Histogram>,
+    upstream_latency: OnceLock<Histogram>,
+    bytes_in: OnceLock<Counter>,
+    bytes_out: OnceLock<Counter>,
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSeries").finish_non_exhaustive()
+    }
+}
+
+fn method_label(method: &Method) -> (usize, &'static str) {
+    match *method {
+        Method::GET => (0, "GET"),
+        Method::HEAD => (1, "HEAD"),
+        Method::POST => (2, "POST"),
+        Method::PUT => (3, "PUT"),
+        Method::PATCH => (4, "PATCH"),
+        Method::DELETE => (5, "DELETE"),
+        Method::OPTIONS => (6, "OPTIONS"),
+        _ => (7, "OTHER"),
+    }
+}
+
+fn status_class(status: StatusCode) -> (usize, &'static str) {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => (0, "1xx"),
+        200..=299 => (1, "2xx"),
+        300..=399 => (2, "3xx"),
+        400..=499 => (3, "4xx"),
+        _ => (4, "5xx"),
     }
 }
 
@@ -335,8 +402,13 @@ mod tests {
         let metrics = Metrics::new();
         let route: Arc<str> = Arc::from("/2.0/repositories/acme");
         let credential: Arc<str> = Arc::from("acme-all");
+        let series = RouteSeries::default();
         metrics.record_request(&RequestRecord {
-            route: Some((&route, &credential)),
+            route: Some(RouteRef {
+                prefix: &route,
+                credential: &credential,
+                series: &series,
+            }),
             method: &Method::from_bytes(b"PROPFIND").unwrap(),
             status: StatusCode::NOT_FOUND,
             duration: Duration::from_millis(3),
