@@ -269,6 +269,11 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
 mod tests {
     use super::*;
 
+    /// [`Cooldown::enter`] at the current instant, waiting at most 5 s for a probe.
+    async fn enter_now(cooldown: &Cooldown) -> (Gate, bool) {
+        cooldown.enter(Instant::now(), Duration::from_secs(5)).await
+    }
+
     #[test]
     fn retry_after_takes_seconds_and_dates_and_never_panics() {
         let now = httpdate::parse_http_date("Tue, 01 Dec 2026 05:00:00 GMT").unwrap();
@@ -312,13 +317,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_probe_after_the_cool_down_then_open_or_longer() {
         let cooldown = Cooldown::default();
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Pass
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Pass);
         let now = Instant::now();
         assert_eq!(
             cooldown.on_too_many(now, None, false),
@@ -326,42 +325,18 @@ mod tests {
         );
         // A second 429 from a request already in flight does not stack a strike.
         assert_eq!(cooldown.on_too_many(now, None, false), None);
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Refuse(DEFAULT_COOLDOWN)
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Refuse(DEFAULT_COOLDOWN));
         tokio::time::advance(DEFAULT_COOLDOWN).await;
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Probe
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Probe);
         // The probe gets 429 again: twice as long.
         assert_eq!(
             cooldown.on_too_many(Instant::now(), None, true),
             Some(DEFAULT_COOLDOWN * 2)
         );
         tokio::time::advance(DEFAULT_COOLDOWN * 2).await;
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Probe
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Probe);
         cooldown.on_answer(true);
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Pass
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Pass);
         assert!(cooldown.status(Instant::now()).is_none());
     }
 
@@ -370,18 +345,10 @@ mod tests {
         let cooldown = std::sync::Arc::new(Cooldown::default());
         cooldown.on_too_many(Instant::now(), Some(Duration::from_secs(2)), false);
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Probe
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Probe);
         let waiter = {
             let cooldown = cooldown.clone();
-            tokio::spawn(
-                async move { cooldown.enter(Instant::now(), Duration::from_secs(5)).await },
-            )
+            tokio::spawn(async move { enter_now(&cooldown).await })
         };
         tokio::task::yield_now().await;
         // The probe went nowhere: the waiter becomes the probe.
@@ -389,9 +356,7 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), (Gate::Probe, true));
         let waiter = {
             let cooldown = cooldown.clone();
-            tokio::spawn(
-                async move { cooldown.enter(Instant::now(), Duration::from_secs(5)).await },
-            )
+            tokio::spawn(async move { enter_now(&cooldown).await })
         };
         tokio::task::yield_now().await;
         cooldown.on_too_many(Instant::now(), Some(Duration::from_secs(40)), true);
@@ -405,16 +370,10 @@ mod tests {
         assert!(status.from_retry_after);
         // A probe that never answers holds the others at most `probe_wait`.
         tokio::time::advance(Duration::from_secs(40)).await;
-        assert_eq!(
-            cooldown
-                .enter(Instant::now(), Duration::from_secs(5))
-                .await
-                .0,
-            Gate::Probe
-        );
+        assert_eq!(enter_now(&cooldown).await.0, Gate::Probe);
         let started = Instant::now();
         assert_eq!(
-            cooldown.enter(Instant::now(), Duration::from_secs(5)).await,
+            enter_now(&cooldown).await,
             (Gate::Refuse(MIN_COOLDOWN), true)
         );
         assert_eq!(started.elapsed(), Duration::from_secs(5));

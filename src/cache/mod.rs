@@ -42,6 +42,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use crate::base::body::{BoxError, LocalBody, ProxyBody};
 use crate::config::Config;
@@ -91,6 +93,11 @@ impl Client<'_> {
         CredentialLabels {
             credential: self.route.credential.name.clone(),
         }
+    }
+
+    /// Counts one answer in `family`'s series for this request's credential.
+    fn count(&self, family: &Family<CredentialLabels, Counter>) {
+        family.get_or_create(&self.labels()).inc();
     }
 }
 
@@ -315,12 +322,7 @@ impl Cache {
                 Ready::Head(head) => {
                     if let Some(age) = flight.stored_age() {
                         // Filled from the shared store: a hit for every request that waited.
-                        client
-                            .metrics
-                            .cache
-                            .hits
-                            .get_or_create(&client.labels())
-                            .inc();
+                        client.count(&client.metrics.cache.hits);
                         let ttl = match lookup.freshness {
                             Some(Freshness::MaxAge(max_age)) => Some(max_age.saturating_sub(age)),
                             _ => None,
@@ -348,12 +350,7 @@ impl Cache {
                             CacheStatus::Request
                         }
                     } else {
-                        client
-                            .metrics
-                            .cache
-                            .coalesced
-                            .get_or_create(&client.labels())
-                            .inc();
+                        client.count(&client.metrics.cache.coalesced);
                         CacheStatus::Coalesced
                     };
                     let age = upstream_age(&head.headers) + flight.sent_at().elapsed();
@@ -522,11 +519,10 @@ impl Cache {
         fwd_status: Option<StatusCode>,
         now: Instant,
     ) -> Response<ProxyBody> {
-        let labels = client.labels();
-        match status {
-            CacheStatus::Stale => client.metrics.cache.stale.get_or_create(&labels).inc(),
-            _ => client.metrics.cache.hits.get_or_create(&labels).inc(),
-        };
+        client.count(match status {
+            CacheStatus::Stale => &client.metrics.cache.stale,
+            _ => &client.metrics.cache.hits,
+        });
         let age = entry.age(now);
         let ttl = match (status, lookup.freshness) {
             (CacheStatus::Hit, Some(Freshness::MaxAge(max_age))) => {

@@ -265,12 +265,7 @@ impl Cache {
         else {
             return None;
         };
-        client
-            .metrics
-            .cache
-            .hits
-            .get_or_create(&client.labels())
-            .inc();
+        client.count(&client.metrics.cache.hits);
         if lookup.directives.write_store {
             let since = (std::time::Instant::now(), age);
             let place = Some((key, gens));

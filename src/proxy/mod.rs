@@ -248,19 +248,15 @@ pub async fn fetch_upstream(
             .renew_refused(&authorization, route.upstream, &generation.client, timeout)
             .await?
     {
-        let resent = Instant::now();
-        forwarded = forward(
-            generation,
-            replay.request(Some(renewed)),
-            Some(replay),
-            resent,
-        )
-        .await;
+        let resend = replay.request(Some(renewed));
+        forwarded = forward(generation, resend, Some(replay), Instant::now()).await;
     }
     let response = forwarded?;
     let answered_at = Instant::now();
     let head_after = answered_at - started;
-    record_upstream(metrics, route, head_after);
+    // Answers that arrived only (their `X-RateLimit-*` values go to the budget); failures are
+    // counted in `handle`, where every error ends up.
+    metrics.record_upstream_head(route.metrics(), head_after);
     if let Some(attempt) = attempt {
         attempt
             .answered(answered_at, response.status(), response.headers())
@@ -584,12 +580,6 @@ pub fn rewrite_response(
         body,
     );
     Response::from_parts(parts, body)
-}
-
-/// Upstream latency to the response head, for answers that arrived (their `X-RateLimit-*`
-/// values go to the budget). Failures are counted in [`handle`], where every error ends up.
-fn record_upstream(metrics: &Metrics, route: &Route, head_after: std::time::Duration) {
-    metrics.record_upstream_head(route.metrics(), head_after);
 }
 
 fn log_error(error: &ProxyError) {

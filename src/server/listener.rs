@@ -262,10 +262,10 @@ fn server_builder(server: &ServerSettings) -> auto::Builder<StreamExecutor> {
     // No head timeout of hyper's: each connection's task closes a connection with no request
     // open for `server.header_read_timeout` (`OpenRequests::idle_for`), which bounds a
     // trickled head (slowloris) the same way, counted from the end of the previous request.
-    // hyper's would arm, allocate and cancel a timer for every request on top of it.
+    // hyper's would arm, allocate and cancel a timer for every request on top of it, and it is
+    // what hyper's HTTP/1 side would use a timer for, so it has none.
     builder
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(true);

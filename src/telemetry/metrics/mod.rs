@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -277,22 +277,16 @@ impl Metrics {
             })
             .inc();
         route
-            .series
-            .request_duration
-            .get_or_init(|| self.request_duration.get_or_create(&route.labels()).clone())
+            .kept(&route.series.request_duration, &self.request_duration)
             .observe(request.duration.as_secs_f64());
         if request.bytes_in > 0 {
             route
-                .series
-                .bytes_in
-                .get_or_init(|| self.bytes_in.get_or_create(&route.labels()).clone())
+                .kept(&route.series.bytes_in, &self.bytes_in)
                 .inc_by(request.bytes_in);
         }
         if request.bytes_out > 0 {
             route
-                .series
-                .bytes_out
-                .get_or_init(|| self.bytes_out.get_or_create(&route.labels()).clone())
+                .kept(&route.series.bytes_out, &self.bytes_out)
                 .inc_by(request.bytes_out);
         }
     }
@@ -300,9 +294,7 @@ impl Metrics {
     /// How long the upstream took to send a response head for a request through `route`.
     pub fn record_upstream_head(&self, route: RouteRef<'_>, head_after: Duration) {
         route
-            .series
-            .upstream_latency
-            .get_or_init(|| self.upstream_latency.get_or_create(&route.labels()).clone())
+            .kept(&route.series.upstream_latency, &self.upstream_latency)
             .observe(head_after.as_secs_f64());
     }
 
@@ -336,12 +328,21 @@ pub struct RouteRef<'a> {
     pub series: &'a RouteSeries,
 }
 
-impl RouteRef<'_> {
-    fn labels(&self) -> RouteLabels {
-        RouteLabels {
-            route: self.prefix.clone(),
-            credential: self.credential.clone(),
-        }
+impl<'a> RouteRef<'a> {
+    /// The series `slot` keeps: looked up in `family` by this route's labels the first time.
+    fn kept<M: Clone, C: MetricConstructor<M>>(
+        &self,
+        slot: &'a OnceLock<M>,
+        family: &Family<RouteLabels, M, C>,
+    ) -> &'a M {
+        slot.get_or_init(|| {
+            family
+                .get_or_create(&RouteLabels {
+                    route: self.prefix.clone(),
+                    credential: self.credential.clone(),
+                })
+                .clone()
+        })
     }
 }
 
