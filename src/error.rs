@@ -229,33 +229,33 @@ impl ProxyError {
     }
 
     /// Classifies a failure of the upstream client into who is at fault.
-    pub fn from_client_error(error: hyper_util::client::legacy::Error) -> ProxyError {
-        if let Some(idle) = find_cause::<BodyIdleTimeout>(&error)
+    pub fn from_client_error(error: &(dyn StdError + 'static)) -> ProxyError {
+        if let Some(idle) = find_cause::<BodyIdleTimeout>(error)
             && idle.1 == Direction::Request
         {
             return ProxyError::ClientBody(Box::new(BodyIdleTimeout(idle.0, idle.1)));
         }
-        if find_cause::<hyper::Error>(&error).is_some_and(|e| e.is_user()) {
+        if find_cause::<hyper::Error>(error).is_some_and(|e| e.is_user()) {
             // hyper reports a failing request body (the client went away mid-upload) as a user error.
-            return ProxyError::ClientBody(error_chain(&error).into());
+            return ProxyError::ClientBody(error_chain(error).into());
         }
-        if find_cause::<h2::Error>(&error)
+        if find_cause::<h2::Error>(error)
             .is_some_and(|e| e.is_reset() && !e.is_remote() && !e.is_library())
         {
             // Over h2, hyper reports a failing request body (a client that went away, broke its
             // chunked framing or stalled past `upstream.idle_timeout`) only as the RST_STREAM it
             // sent for it: a reset the proxy's side initiated, not Bitbucket nor the h2 library.
-            return ProxyError::ClientBody(error_chain(&error).into());
+            return ProxyError::ClientBody(error_chain(error).into());
         }
-        if let Some(tls) = find_tls_error(&error) {
+        if let Some(tls) = find_tls_error(error) {
             return ProxyError::UpstreamTls(tls);
         }
-        if find_cause::<std::io::Error>(&error)
+        if find_cause::<std::io::Error>(error)
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
         {
-            return ProxyError::UpstreamTimeout(error_chain(&error));
+            return ProxyError::UpstreamTimeout(error_chain(error));
         }
-        ProxyError::UpstreamUnreachable(error_chain(&error))
+        ProxyError::UpstreamUnreachable(error_chain(error))
     }
 }
 

@@ -2,61 +2,19 @@
 //! request needs one, replaces it when the upstream closes it, and backs off when the upstream
 //! cannot be reached.
 //!
-//! The mock upstream numbers its TLS connections in the order their handshakes finish and
-//! answers every request with `x-connection: N`, so a test can tell which connection a request
-//! travelled on: one opened before the request, or one the request had to open itself.
+//! The mock upstream ([`NumberingUpstream`]) tells which connection a request travelled on: one
+//! opened before the request, or one the request had to open itself.
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use http::StatusCode;
+use support::numbering::NumberingUpstream;
 use support::proxy::*;
 use support::*;
 
 const PATH: &str = "/2.0/repositories/acme/widgets";
-
-/// A TLS upstream (h2 and http/1.1, as `alpn` offers) that closes every connection `lifetime`
-/// after its handshake, whether it carried requests or not: an idle timeout, the way
-/// Bitbucket's edge and nginx's `keepalive_timeout` end quiet connections.
-struct NumberingUpstream {
-    raw: RawUpstream,
-    handshakes: Arc<AtomicUsize>,
-}
-
-impl NumberingUpstream {
-    fn start(pki: &TestPki, alpn: &[&[u8]], lifetime: Duration) -> NumberingUpstream {
-        let handshakes = Arc::new(AtomicUsize::new(0));
-        let counter = handshakes.clone();
-        let raw = RawUpstream::start_tls(pki.server_config_with_alpn(alpn), move |tls| {
-            let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                let service = service_fn(move |_request| async move {
-                    Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .header("x-connection", number.to_string())
-                            .body(Full::new(bytes::Bytes::from_static(b"{}")))
-                            .unwrap(),
-                    )
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let serving = builder.serve_connection(TokioIo::new(tls), service);
-                let _ = tokio::time::timeout(lifetime, serving).await;
-            }
-        });
-        NumberingUpstream { raw, handshakes }
-    }
-
-    fn handshakes(&self) -> usize {
-        self.handshakes.load(Ordering::SeqCst)
-    }
-}
 
 async fn proxy_to(url: &str, pki: &TestPki, upstream_lines: &str) -> TestProxy {
     Setup::new(url, pki.ca_path())

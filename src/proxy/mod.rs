@@ -482,7 +482,7 @@ pub async fn forward(
     };
     match result {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => Err(ProxyError::from_client_error(error)),
+        Ok(Err(error)) => Err(ProxyError::from_client_error(&error)),
         Err(_) => Err(ProxyError::UpstreamTimeout(format!(
             "no response headers within {}",
             humantime::format_duration(timeout)

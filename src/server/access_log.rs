@@ -99,7 +99,7 @@ where
         let request_id = request_id::take_or_make(request.headers());
         request
             .headers_mut()
-            .insert(REQUEST_ID_HEADER, request_id.clone());
+            .insert(REQUEST_ID_HEADER, request_id::for_upstream(&request_id));
         let span = tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or_default()

@@ -1,13 +1,17 @@
 //! The pooled TLS client that talks to Bitbucket.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::Uri;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
 
 use hyper_rustls::HttpsConnectorBuilder;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
@@ -15,9 +19,85 @@ use crate::base::body::UpstreamRequestBody;
 use crate::config::{Origin, UpstreamSettings};
 use crate::upstream::alpn::{OriginAlpnConnector, same_origin};
 use crate::upstream::egress::EgressConnector;
+use crate::upstream::lane::{H2Settings, LaneError, LaneRequest, Lanes, Outcome, Start};
 use crate::upstream::warm::WarmConnector;
 
-pub type UpstreamClient = Client<WarmConnector, UpstreamRequestBody>;
+/// The upstream client of one config generation: h2 origins through their [`Lanes`],
+/// everything else (HTTP/1.1, plain-HTTP test upstreams) through hyper-util's pool. Cloned
+/// with the generation when `[upstream]` is unchanged.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pooled: Client<WarmConnector, UpstreamRequestBody>,
+    lanes: Arc<Lanes>,
+}
+
+/// Why the client has no response for a request. Its cause chain holds the hyper, h2, TLS or
+/// I/O error underneath, for [`crate::error::ProxyError::from_client_error`] to classify.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Pooled(#[source] hyper_util::client::legacy::Error),
+    #[error("{0}")]
+    Lane(#[source] LaneError),
+}
+
+impl UpstreamError {
+    /// Nothing of the request reached the upstream: no connection could be made.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Pooled(error) => error.is_connect(),
+            UpstreamError::Lane(error) => matches!(error, LaneError::Connect(_)),
+        }
+    }
+}
+
+impl UpstreamClient {
+    /// Sends `request` (an absolute URI); the future resolves to the response head.
+    pub fn request(&self, request: Request<UpstreamRequestBody>) -> UpstreamResponse<'_> {
+        match self.lanes.send(request) {
+            Start::Lane(through_lane) => UpstreamResponse::Lane {
+                through_lane,
+                pooled: &self.pooled,
+            },
+            Start::Pool(request) => UpstreamResponse::Pooled(self.pooled.request(request)),
+        }
+    }
+}
+
+/// [`UpstreamClient::request`]'s future: through a lane, or through the pool.
+pub enum UpstreamResponse<'a> {
+    Lane {
+        through_lane: LaneRequest<'a>,
+        /// Takes the request if the lane finds its origin speaks HTTP/1.1.
+        pooled: &'a Client<WarmConnector, UpstreamRequestBody>,
+    },
+    Pooled(ResponseFuture),
+}
+
+impl Future for UpstreamResponse<'_> {
+    type Output = Result<Response<Incoming>, UpstreamError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match &mut *self {
+                UpstreamResponse::Lane {
+                    through_lane,
+                    pooled,
+                } => match ready!(Pin::new(through_lane).poll(cx)) {
+                    Outcome::Answered(answer) => {
+                        return Poll::Ready(answer.map_err(UpstreamError::Lane));
+                    }
+                    Outcome::ToPool(request) => {
+                        *self = UpstreamResponse::Pooled(pooled.request(request));
+                    }
+                },
+                UpstreamResponse::Pooled(pooled) => {
+                    return Pin::new(pooled).poll(cx).map_err(UpstreamError::Pooled);
+                }
+            }
+        }
+    }
+}
 
 /// How long an unused pooled connection is kept. Bitbucket's edge closes idle connections on its
 /// own schedule; a stale pooled connection is retried by the client, so this only bounds sockets.
@@ -53,6 +133,23 @@ pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
         .expect("ring supports the default protocol versions")
         .with_root_certificates(root_store(settings))
         .with_no_client_auth()
+}
+
+/// The origins offered h2 over TLS, each once: those get an h2 lane. Git's origin when it
+/// differs from the API's has its own offer, `upstream.git_http2`.
+fn h2_origins(settings: &UpstreamSettings) -> Vec<Uri> {
+    let api = origin_uri(&settings.api);
+    let git = origin_uri(&settings.git);
+    let offers = if same_origin(&api, &git) {
+        vec![(api, settings.http2)]
+    } else {
+        vec![(api, settings.http2), (git, settings.git_http2)]
+    };
+    offers
+        .into_iter()
+        .filter(|(origin, h2)| *h2 && origin.scheme() == Some(&http::uri::Scheme::HTTPS))
+        .map(|(origin, _)| origin)
+        .collect()
 }
 
 /// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN and
@@ -103,15 +200,22 @@ pub fn build_client(
         &[]
     };
     let warm = WarmConnector::new(https, warm_origins, settings.connect_timeout * 2);
-    let client = Client::builder(TokioExecutor::new())
+    let h2 = H2Settings {
+        keep_alive_interval: HTTP2_KEEP_ALIVE_INTERVAL,
+        // Keeping warm, a quiet h2 connection is PINGed too: a dead one is found and dropped
+        // before a request lands on it, and NATs and egress proxies keep its mapping.
+        keep_alive_while_idle: settings.keep_warm,
+        idle_timeout: POOL_IDLE_TIMEOUT,
+    };
+    let pooled = Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .http2_keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
-        // Keeping warm, a quiet h2 connection is PINGed too: a dead one is found and dropped
-        // before a request lands on it, and NATs and egress proxies keep its mapping.
-        .http2_keep_alive_while_idle(settings.keep_warm)
+        .http2_keep_alive_interval(h2.keep_alive_interval)
+        .http2_keep_alive_while_idle(h2.keep_alive_while_idle)
         .http2_adaptive_window(true)
         .build(warm.clone());
+    let lanes = Lanes::new(h2_origins(settings), warm.clone(), &h2);
+    let client = UpstreamClient { pooled, lanes };
     (client, warm)
 }

@@ -1,6 +1,6 @@
-//! Everything that talks to Bitbucket below the request path: the pooled TLS client
-//! ([`client`]), the corporate egress proxy ([`egress`]), the keep-warm spare connections
-//! ([`warm`]), OAuth token renewal ([`oauth`]) and the live credentials that hold it
+//! Everything that talks to Bitbucket below the request path: the client ([`client`]), with
+//! one h2 connection per h2 origin ([`lane`]) and a pool for the rest, the corporate egress
+//! proxy ([`egress`]), the keep-warm spare connections ([`warm`]), OAuth token renewal ([`oauth`]) and the live credentials that hold it
 //! ([`credential`]).
 //!
 //! Built from settings by [`crate::runtime`]. Uses [`crate::base`], [`crate::bitbucket`],
@@ -10,5 +10,6 @@ pub mod alpn;
 pub mod client;
 pub mod credential;
 pub mod egress;
+pub mod lane;
 pub mod oauth;
 pub mod warm;

@@ -21,8 +21,8 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -68,6 +68,9 @@ pub struct WarmConnector {
 struct Shared {
     inner: Inner,
     origins: Vec<KeeperHandle>,
+    /// Connections the h2 lane opened and found speaking HTTP/1.1, at most one per origin:
+    /// the pool's next connect to that origin takes it (see [`WarmConnector::give_back`]).
+    given_back: Mutex<Vec<(Uri, WarmStream)>>,
 }
 
 struct KeeperHandle {
@@ -108,8 +111,35 @@ impl WarmConnector {
             None => Vec::new(),
         };
         WarmConnector {
-            shared: Arc::new(Shared { inner, origins }),
+            shared: Arc::new(Shared {
+                inner,
+                origins,
+                given_back: Mutex::new(Vec::new()),
+            }),
         }
+    }
+
+    /// Keeps `stream`, a connection to `origin` nobody has used yet, for the next connect to
+    /// that origin (see [`crate::upstream::lane`]). One per origin: an older one is closed.
+    pub fn give_back(&self, origin: &Uri, stream: WarmStream) {
+        let mut given_back = self.given_back();
+        given_back.retain(|(kept, _)| !same_origin(kept, origin));
+        given_back.push((origin.clone(), stream));
+    }
+
+    fn take_given_back(&self, dst: &Uri) -> Option<WarmStream> {
+        let mut given_back = self.given_back();
+        let at = given_back
+            .iter()
+            .position(|(origin, _)| same_origin(origin, dst))?;
+        Some(given_back.swap_remove(at).1)
+    }
+
+    fn given_back(&self) -> MutexGuard<'_, Vec<(Uri, WarmStream)>> {
+        self.shared
+            .given_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Origins whose first warm connection attempt has not finished yet.
@@ -141,6 +171,9 @@ impl Service<Uri> for WarmConnector {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
+        if let Some(stream) = self.take_given_back(&dst) {
+            return Box::pin(std::future::ready(Ok(stream)));
+        }
         let asks = self.keeper_for(&dst).map(|k| k.asks.clone());
         let mut inner = self.shared.inner.clone();
         Box::pin(async move {
