@@ -20,9 +20,9 @@ usage: bench/run.sh [--quick] [--rounds N] [--duration S] [--mode unpinned|pinne
   --duration S  seconds per measured cell (default 10)
   --mode M      unpinned, pinned or both (default both)
   --targets L   comma-separated subset of direct,nginx,haproxy,proxy,proxy-rw,proxy-h1,
-                floor-hyper,floor-h2 (default all but the floors; nginx is always run, ratios
-                are to it)
-  --floors      add floor-hyper and floor-h2 (bench/floor): the least this proxy's stack costs
+                floor-hyper,floor-h2,floor-conn (default all but the floors; nginx is always
+                run, ratios are to it)
+  --floors      add floor-hyper, floor-h2 and floor-conn (bench/floor): the least this proxy's stack costs
                 per request, with nothing of the proxy around it
   --perf        after the matrix, `perf record -e cpu-clock` the proxy under pinned 1 KiB c64
                 (bench/results/perf-proxy-c64.{data,txt}); perf's sampling is not in the table
@@ -52,7 +52,7 @@ while (($#)); do
             shift
             ;;
         --targets) TARGET_LIST=${2:?}; shift ;;
-        --floors) TARGET_LIST=$TARGET_LIST,floor-hyper,floor-h2 ;;
+        --floors) TARGET_LIST=$TARGET_LIST,floor-hyper,floor-h2,floor-conn ;;
         --perf) PERF=1 ;;
         --no-build) BUILD=0 ;;
         --bin) BUILD=0 BIN_SRC=$(realpath "${2:?}"); shift ;;
@@ -107,7 +107,7 @@ if ((FLOORS && BUILD)); then
         --target-dir "$ROOT/bench/floor/target"
 fi
 if ((FLOORS)); then
-    for f in floor-hyper floor-h2; do
+    for f in floor-hyper floor-h2 floor-conn; do
         [[ -x $FLOOR_DIR/$f ]] || die "$FLOOR_DIR/$f not found (build bench/floor, or drop --no-build)"
     done
 fi
@@ -152,15 +152,15 @@ trap 'exit 130' INT TERM
 
 BIN=$WORK/bitbucket-auth-proxy
 cp "$BIN_SRC" "$BIN" # others may rebuild target/ while this runs
-if ((FLOORS)); then cp "$FLOOR_DIR/floor-hyper" "$FLOOR_DIR/floor-h2" "$WORK/"; fi
+if ((FLOORS)); then cp "$FLOOR_DIR/floor-hyper" "$FLOOR_DIR/floor-h2" "$FLOOR_DIR/floor-conn" "$WORK/"; fi
 
 # --- Ports -----------------------------------------------------------------------------------
 BASE=${BENCH_PORT_BASE:-28400}
 P_UP=$BASE P_STATUS=$((BASE + 1)) P_NGINX=$((BASE + 2)) P_HAPROXY=$((BASE + 3))
 P_PROXY=$((BASE + 4)) P_PROXYRW=$((BASE + 5)) P_START=$((BASE + 6)) P_PROXYH1=$((BASE + 7))
-P_FLOOR=$((BASE + 8)) P_FLOORH2=$((BASE + 9))
+P_FLOOR=$((BASE + 8)) P_FLOORH2=$((BASE + 9)) P_FLOORCONN=$((BASE + 10))
 for p in $P_UP $P_STATUS $P_NGINX $P_HAPROXY $P_PROXY $P_PROXYRW $P_START $P_PROXYH1 $P_FLOOR \
-    $P_FLOORH2; do
+    $P_FLOORH2 $P_FLOORCONN; do
     [[ -z $(ss -Hltn "sport = :$p") ]] || die "port $p is in use (set BENCH_PORT_BASE)"
 done
 
@@ -393,7 +393,7 @@ CLK_TCK=$(getconf CLK_TCK)
 # Target name -> port / master pid (set by start_stack).
 declare -A PORT=([nginx]=$P_NGINX [haproxy]=$P_HAPROXY [proxy]=$P_PROXY [proxy-rw]=$P_PROXYRW
     [proxy-h1]=$P_PROXYH1)
-((FLOORS)) && PORT+=([floor-hyper]=$P_FLOOR [floor-h2]=$P_FLOORH2)
+((FLOORS)) && PORT+=([floor-hyper]=$P_FLOOR [floor-h2]=$P_FLOORH2 [floor-conn]=$P_FLOORCONN)
 # This proxy's targets -> their config in $WORK/proxy.
 declare -A PROXY_CONF=([proxy]=plain [proxy-rw]=rewrite [proxy-h1]=http1)
 declare -A MASTER=()
@@ -445,7 +445,7 @@ start_stack() { # $1 mode
     wait_until "nginx target" listening "$P_NGINX"
     wait_until "haproxy" listening "$P_HAPROXY"
     if ((FLOORS)); then
-        for target in floor-hyper floor-h2; do
+        for target in floor-hyper floor-h2 floor-conn; do
             FLOOR_TOKEN=$TOKEN TOKIO_WORKER_THREADS=$workers start_bg \
                 "$WORK/logs/$target-$mode.log" "${pin_target[@]}" "$WORK/$target" \
                 "127.0.0.1:${PORT[$target]}" "$UP_ORIGIN" "$CA"
@@ -458,6 +458,7 @@ start_stack() { # $1 mode
     if ((FLOORS)); then
         wait_until "floor-hyper" listening "$P_FLOOR"
         wait_until "floor-h2" listening "$P_FLOORH2"
+        wait_until "floor-conn" listening "$P_FLOORCONN"
     fi
     sleep 0.5
     declare -gA IDLE_RSS=()
@@ -609,7 +610,7 @@ log "proxy start-up to first 200 on /-/health (median min max, ms): $STARTUP"
 
 CELLS=(page-c1 page-c16 page-c64 big-c4)
 TARGETS=()
-for t in direct nginx haproxy proxy proxy-rw proxy-h1 floor-hyper floor-h2; do
+for t in direct nginx haproxy proxy proxy-rw proxy-h1 floor-hyper floor-h2 floor-conn; do
     [[ $t == nginx || ,$TARGET_LIST, == *,$t,* ]] && TARGETS+=("$t")
 done
 for mode in "${MODES[@]}"; do
@@ -685,10 +686,11 @@ print("Each figure is the median over rounds; ×nginx is the median over rounds 
       "to the upstream, as nginx and HAProxy use; proxy and proxy-rw use h2).")
 if any(r["target"].startswith("floor-") for r in rows):
     print()
-    print("floor-hyper and floor-h2 (bench/floor, with --floors) are not proxies: a hyper HTTP/1.1 "
-          "server that drops Host, sets Authorization and forwards, through hyper-util's pooled "
-          "client (floor-hyper) or one h2 connection driven by the h2 crate (floor-h2), with no "
-          "routes, limits, timeouts, metrics or logs. They show what this stack costs at the least.")
+    print("floor-hyper, floor-h2 and floor-conn (bench/floor, with --floors) are not proxies: a hyper "
+          "HTTP/1.1 server that drops Host, sets Authorization and forwards, through hyper-util's "
+          "pooled client (floor-hyper), one h2 connection driven by the h2 crate (floor-h2) or one "
+          "through hyper's connection API, as the proxy's h2 lanes (floor-conn), with no routes, "
+          "limits, timeouts, metrics or logs. They show what this stack costs at the least.")
 print()
 print(f"Proxy start-up, exec to first 200 on /-/health: median {startup[0]:.1f} ms "
       f"(min {startup[1]:.1f}, max {startup[2]:.1f}; 7 starts).")
@@ -724,7 +726,8 @@ def cpu_fmt(v, big):
     return "—" if v is None else (f"{v / 64:,.0f} /MiB" if big else f"{v:,.1f}")
 
 cells = ["page-c1", "page-c16", "page-c64", "big-c4"]
-targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw", "proxy-h1", "floor-hyper", "floor-h2"]
+targets = ["direct", "nginx", "haproxy", "proxy", "proxy-rw", "proxy-h1", "floor-hyper", "floor-h2",
+           "floor-conn"]
 modes = [m for m in ("unpinned", "pinned") if any(k[0] == m for k in by)]
 for mode in modes:
     print()
@@ -796,13 +799,13 @@ if m:
         check(f"req/s rewrite on vs off, {c}", ratio(m, c, "proxy-rw", "req_per_s", "proxy"), "≥ 0.90×",
               lambda v: v >= 0.9)
 
-floors = [t for t in ("floor-hyper", "floor-h2") if any(k[2] == t for k in by)]
+floors = [t for t in ("floor-hyper", "floor-h2", "floor-conn") if any(k[2] == t for k in by)]
 if m and floors:
     # How far the proxy is from the least its stack can cost, and that least against nginx.
     print()
     print("## The stack's floor")
     print()
-    print(f"Mode: {m}. Ratios to nginx in the same round, for this proxy and the two floors.")
+    print(f"Mode: {m}. Ratios to nginx in the same round, for this proxy and the floors.")
     print()
     shown = ["proxy"] + floors
     print("| cell | figure | " + " | ".join(shown) + " |")
