@@ -81,6 +81,57 @@ pub fn tls_config(ca_file: &str, alpn: &[&[u8]]) -> Result<rustls::ClientConfig,
     Ok(config)
 }
 
+/// A TLS connection to the upstream that agreed to h2 in ALPN.
+pub type H2Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Runs a floor that drives one h2 connection itself: `forward_on` gets the arguments and the
+/// connection, made on the floor's runtime.
+pub fn main_h2<F, Fut>(forward_on: F)
+where
+    F: FnOnce(Args, H2Stream) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let run = |args: Args| {
+        let tls = tls_config(&args.ca_file, &[b"h2"])?;
+        runtime()?.block_on(async move {
+            let stream = connect_h2(&args.upstream, tls).await?;
+            forward_on(args, stream).await
+        })
+    };
+    if let Err(error) = Args::from_env().and_then(run) {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// Drives an upstream connection; the floor exits if it fails, as it has no other.
+pub fn drive<E: std::fmt::Display>(
+    connection: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            eprintln!("upstream connection failed: {error}");
+            std::process::exit(1);
+        }
+    });
+}
+
+async fn connect_h2(upstream: &http::Uri, tls: rustls::ClientConfig) -> Result<H2Stream, Error> {
+    let authority = upstream.authority().ok_or("no authority")?.clone();
+    let tcp = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+    tcp.set_nodelay(true)?;
+    let server_name = rustls_pki_types::ServerName::try_from(authority.host().to_owned())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(server_name, tcp)
+        .await?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(format!("{authority} did not agree to h2").into());
+    }
+    Ok(tls)
+}
+
 /// The runtime the proxy would run with (src/cli/mod.rs): `TOKIO_WORKER_THREADS` workers, or
 /// one per usable CPU; tokio's current-thread scheduler when that is one.
 pub fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -101,16 +152,22 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     Ok(builder.enable_all().build()?)
 }
 
-/// Serves HTTP/1.1 on `listen` for ever; every request goes to `forward`. A failed forward is
-/// answered 502.
-pub async fn serve<F, Fut, B>(listen: &str, forward: F) -> Result<(), Error>
+/// Serves HTTP/1.1 on `args.listen` for ever; every request goes to `forward` as the upstream
+/// request (see `upstream_request`). A failed forward is answered 502.
+pub async fn serve<F, Fut, B>(args: Args, forward: F) -> Result<(), Error>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Response<B>, Error>> + Send,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Error>,
 {
-    let listener = tokio::net::TcpListener::bind(listen)
+    let Args {
+        listen,
+        upstream,
+        authorization,
+        ..
+    } = args;
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     loop {
@@ -123,11 +180,17 @@ where
         };
         let _ = stream.set_nodelay(true);
         let forward = forward.clone();
+        let (upstream, authorization) = (upstream.clone(), authorization.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let forward = forward.clone();
+                let request = upstream_request(request, &upstream, &authorization);
                 async move {
-                    Ok::<_, Infallible>(match forward(request).await {
+                    let forwarded = match request {
+                        Ok(request) => forward(request).await,
+                        Err(error) => Err(error),
+                    };
+                    Ok::<_, Infallible>(match forwarded {
                         Ok(response) => response.map(Either::Forwarded),
                         Err(error) => {
                             eprintln!("forwarding failed: {error}");
@@ -181,7 +244,7 @@ where
 
 /// The upstream request: the client's, with the upstream's origin, no `Host` (the client
 /// library sets the upstream's) and the credential.
-pub fn upstream_request<B>(
+fn upstream_request<B>(
     request: Request<B>,
     upstream: &http::Uri,
     authorization: &HeaderValue,

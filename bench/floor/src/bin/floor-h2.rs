@@ -3,53 +3,22 @@
 //! sends GETs): what a forwarder written straight on `h2::client` could at best save.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bitbucket_auth_proxy_floor::{Args, Error, runtime, serve, tls_config, upstream_request};
+use bitbucket_auth_proxy_floor::{drive, main_h2, serve};
 use bytes::Bytes;
 use http::Version;
 use http_body::{Body, Frame};
 
 fn main() {
-    bitbucket_auth_proxy_floor::main(run)
-}
-
-fn run(args: Args) -> Result<(), Error> {
-    let tls = Arc::new(tls_config(&args.ca_file, &[b"h2"])?);
-    runtime()?.block_on(async move {
-        let authority = args.upstream.authority().ok_or("no authority")?.clone();
-        let tcp = tokio::net::TcpStream::connect(authority.as_str())
-            .await
-            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-        tcp.set_nodelay(true)?;
-        let server_name = rustls_pki_types::ServerName::try_from(authority.host().to_owned())?;
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(server_name, tcp)
-            .await?;
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(format!("{authority} did not agree to h2").into());
-        }
-        let (streams, connection) = h2::client::handshake(tls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                eprintln!("upstream connection failed: {error}");
-                std::process::exit(1);
-            }
-        });
-        let Args {
-            listen,
-            upstream,
-            authorization,
-            ..
-        } = args;
+    main_h2(|args, stream| async move {
+        let (streams, connection) = h2::client::handshake(stream).await?;
+        drive(connection);
         serve(
-            &listen,
+            args,
             move |request: http::Request<hyper::body::Incoming>| {
                 let streams = streams.clone();
-                let request = upstream_request(request, &upstream, &authorization);
                 async move {
-                    let request = request?;
                     if !request.body().is_end_stream() {
                         return Err("floor-h2 forwards bodiless requests only".into());
                     }

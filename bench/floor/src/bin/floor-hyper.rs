@@ -1,7 +1,7 @@
 //! The floor with the proxy's client: hyper-util's pooled legacy client over hyper-rustls,
 //! offering h2 and http/1.1 by ALPN, as the proxy's `src/upstream.rs` builds it.
 
-use bitbucket_auth_proxy_floor::{Args, Error, runtime, serve, tls_config, upstream_request};
+use bitbucket_auth_proxy_floor::{Args, Error, runtime, serve, tls_config};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,16 +25,9 @@ fn run(args: Args) -> Result<(), Error> {
             .enable_http2()
             .wrap_connector(http);
         let client: Client<_, Incoming> = Client::builder(TokioExecutor::new()).build(https);
-        let Args {
-            listen,
-            upstream,
-            authorization,
-            ..
-        } = args;
-        serve(&listen, move |request| {
+        serve(args, move |request| {
             let client = client.clone();
-            let request = upstream_request(request, &upstream, &authorization);
-            async move { Ok(client.request(request?).await?) }
+            async move { Ok(client.request(request).await?) }
         })
         .await
     })
