@@ -7,7 +7,10 @@
 //! pool asks for a connection to a warmed origin it is handed the spare (and a keeper task opens
 //! the next one at once); for any other destination, or when no spare is ready, it connects as
 //! the plain connector would. The pool then speaks HTTP/1.1 or h2 on the spare exactly as on a
-//! connection of its own: the spare is a finished TLS handshake, nothing more.
+//! connection of its own: the spare is a finished TLS handshake, nothing more. The h2 lanes
+//! ([`crate::upstream::lane`]) open their connections through the same connector, spares
+//! included, and hand back one that turned out to speak HTTP/1.1
+//! ([`WarmConnector::give_back`]) for the pool's next connect to that origin.
 //!
 //! A parked spare is watched: whatever the server sends before the pool takes it (an h2
 //! server's SETTINGS, say) is kept and replayed to the pool, and when the server closes it
@@ -16,7 +19,8 @@
 //! up to [`MAX_BACKOFF`], so a proxy whose upstream is down does not hammer it; requests in
 //! the meantime connect on their own, as without `keep_warm`.
 //!
-//! Uses only the connector stack of [`crate::upstream::client`]; knows nothing of requests.
+//! Uses only the connector stack of [`crate::upstream::client`] (the lanes call it, it never
+//! calls them); knows nothing of requests.
 
 use std::future::{Future, poll_fn};
 use std::io;
