@@ -369,12 +369,16 @@ wait_until() { # $1 description, rest: command that succeeds when ready; 10 s bo
 listening() { [[ -n $(ss -Hltn "sport = :$1") ]]; }
 health_ok() { [[ $(http_code "http://127.0.0.1:$1/-/health") == 200 ]]; }
 
-cpu_ticks() { # utime+stime, clock ticks, summed over pids
+cpu_ticks() { # utime+stime, clock ticks, summed over pids; with CPU_USER_ONLY=1, utime alone
     local pid s total=0 f
     for pid; do
         s=$(<"/proc/$pid/stat")
         read -r -a f <<<"${s##*) }"
-        total=$((total + f[11] + f[12]))
+        if ((${CPU_USER_ONLY:-0})); then
+            total=$((total + f[11]))
+        else
+            total=$((total + f[11] + f[12]))
+        fi
     done
     echo "$total"
 }
@@ -487,7 +491,7 @@ preflight() { # the upstream refuses a wrong header; every target gets 200 and t
     done
 }
 
-CSV_HEADER=mode,round,cell,target,connections,requests,bytes,duration_s,req_per_s,mib_per_s,p50_us,p99_us,cpu_s,cpu_us_per_req,upstream_cpu_us_per_req,new_upstream_conns,errors,idle_rss_kib,peak_rss_kib
+CSV_HEADER=mode,round,cell,target,connections,requests,bytes,duration_s,req_per_s,mib_per_s,p50_us,p99_us,cpu_s,cpu_us_per_req,upstream_cpu_us_per_req,new_upstream_conns,errors,idle_rss_kib,peak_rss_kib,user_us_per_req
 STAMP=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RESULTS"
 CSV=$RESULTS/runs-$STAMP.csv
@@ -512,12 +516,13 @@ run_cell() { # $1 mode $2 round $3 cell $4 target
     fi
     local wrk=(wrk -t"$threads" -c"$conns" --timeout 30s "${hdr[@]}")
     "${pin_load[@]}" "${wrk[@]}" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
-    local acc0 acc1 cpu0=0 cpu1=0 peak="" up0 up1 up_pids
+    local acc0 acc1 cpu0=0 cpu1=0 user0=0 user1=0 peak="" up0 up1 up_pids
     read -r -a up_pids <<<"$(echo "$UPSTREAM_PID" $(pgrep -P "$UPSTREAM_PID"))"
     acc0=$(upstream_accepts)
     up0=$(cpu_ticks "${up_pids[@]}")
     if ((${#pids[@]})); then
         cpu0=$(cpu_ticks "${pids[@]}")
+        user0=$(CPU_USER_ONLY=1 cpu_ticks "${pids[@]}")
         : >"$WORK/peak"
         "${pin_load[@]}" bash "$WORK/rss.sh" "$WORK/peak" "${pids[@]}" &
         sampler=$!
@@ -527,6 +532,7 @@ run_cell() { # $1 mode $2 round $3 cell $4 target
         die "wrk failed on $target $cell: $out"
     if ((${#pids[@]})); then
         cpu1=$(cpu_ticks "${pids[@]}")
+        user1=$(CPU_USER_ONLY=1 cpu_ticks "${pids[@]}")
         kill "$sampler" 2>/dev/null || true
         wait "$sampler" 2>/dev/null || true
         forget_pid "$sampler"
@@ -545,10 +551,11 @@ run_cell() { # $1 mode $2 round $3 cell $4 target
     [[ $target != direct ]] && idle=${IDLE_RSS[$target]}
     python3 - "$mode" "$round" "$cell" "$target" "$conns" "${w[requests]}" "${w[bytes]}" \
         "${w[duration_us]}" "${w[p50_us]}" "${w[p99_us]}" "$cpu0" "$cpu1" "$CLK_TCK" \
-        "$acc0" "$acc1" "$errors" "$idle" "$peak" "${#pids[@]}" "$up0" "$up1" >>"$CSV" <<'EOF'
+        "$acc0" "$acc1" "$errors" "$idle" "$peak" "${#pids[@]}" "$up0" "$up1" "$user0" "$user1" \
+        >>"$CSV" <<'EOF'
 import sys
 (mode, rnd, cell, target, conns, req, nbytes, dur_us, p50, p99, c0, c1, tck, a0, a1, errors,
- idle, peak, npids, u0, u1) = sys.argv[1:]
+ idle, peak, npids, u0, u1, t0, t1) = sys.argv[1:]
 up_cpu = (int(u1) - int(u0)) / int(tck)
 req, nbytes, dur = int(req), int(nbytes), int(dur_us) / 1e6
 cpu = (int(c1) - int(c0)) / int(tck)
@@ -558,7 +565,8 @@ new_conns = int(a1) - int(a0) - 1
 row = [mode, rnd, cell, target, conns, req, nbytes, f"{dur:.3f}", f"{req / dur:.1f}",
        f"{nbytes / dur / 2**20:.1f}", p50, p99, f"{cpu:.2f}" if has_cpu else "",
        f"{cpu * 1e6 / req:.2f}" if has_cpu and req else "",
-       f"{up_cpu * 1e6 / req:.2f}" if req else "", new_conns, errors, idle, peak]
+       f"{up_cpu * 1e6 / req:.2f}" if req else "", new_conns, errors, idle, peak,
+       f"{(int(t1) - int(t0)) / int(tck) * 1e6 / req:.2f}" if has_cpu and req else ""]
 print(",".join(map(str, row)))
 EOF
     log "[$mode r$round] $cell $target: $(tail -n1 "$CSV" | cut -d, -f9-)"
@@ -704,7 +712,8 @@ def med(vals):
     return statistics.median(vals) if vals else None
 
 def num(r, k):
-    return float(r[k]) if r[k] not in ("", None) else None
+    # .get: reports rendered again from older CSVs, written before a column was added.
+    return float(r[k]) if r.get(k) not in ("", None) else None
 
 def metric(mode, cell, target, k):
     return med([num(r, k) for r in by.get((mode, cell, target), [])])
@@ -815,6 +824,15 @@ if m and floors:
             print(f"| {c} | {label} | " + " | ".join(fmt(ratio(m, c, t, k, "nginx"), 2) for t in shown) + " |")
     print(f"| big-c4 | MiB/s ×direct | "
           + " | ".join(fmt(ratio(m, "big-c4", t, "mib_per_s", "direct"), 2) for t in shown) + " |")
+    # User time alone: the target's own work, without the kernel's share (loopback delivery,
+    # and the sleeping and waking that grow as a target gets faster and idles more often).
+    if any(metric(m, c, t, "user_us_per_req") is not None for c in ("page-c16", "page-c64")
+           for t in shown):
+        print()
+        print("User CPU alone (utime, µs per request; nginx for reference): "
+              + "; ".join(f"{c} " + ", ".join(f"{t} {fmt(metric(m, c, t, 'user_us_per_req'), 2)}"
+                                               for t in ["nginx"] + shown)
+                          for c in ("page-c16", "page-c64")) + ".")
 EOF
 cp "$MD" "$RESULTS/latest.md"
 cat "$MD"
