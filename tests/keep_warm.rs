@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::numbering::NumberingUpstream;
+use support::numbering::{self, NumberingUpstream};
 use support::proxy::*;
 use support::*;
 
@@ -37,12 +37,8 @@ async fn wait_until(limit: Duration, what: &str, condition: impl Fn() -> bool) {
 }
 
 async fn served_on(proxy: &TestProxy) -> String {
-    let response = get(proxy.addr, PATH).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    response.headers()["x-connection"]
-        .to_str()
-        .unwrap()
-        .to_owned()
+    let mut served = numbering::served_on(proxy.addr, PATH, 1).await;
+    served.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::future::join_all;
-use http::StatusCode;
-use support::numbering::NumberingUpstream;
+use support::numbering::{self, NumberingUpstream};
 use support::proxy::*;
 use support::*;
 
@@ -22,19 +20,8 @@ async fn proxy_to(upstream: &NumberingUpstream, pki: &TestPki) -> TestProxy {
         .await
 }
 
-/// The `x-connection` of each response, all of which must be 200.
 async fn served_on(proxy: &TestProxy, requests: usize) -> Vec<String> {
-    let responses = join_all((0..requests).map(|_| get(proxy.addr, PATH))).await;
-    responses
-        .into_iter()
-        .map(|response| {
-            assert_eq!(response.status(), StatusCode::OK);
-            response.headers()["x-connection"]
-                .to_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
+    numbering::served_on(proxy.addr, PATH, requests).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

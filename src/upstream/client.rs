@@ -1,4 +1,5 @@
-//! The pooled TLS client that talks to Bitbucket.
+//! The client that talks to Bitbucket: an h2 lane per origin offered h2 over TLS
+//! ([`crate::upstream::lane`]), hyper-util's pooled TLS client for the rest.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -135,21 +136,17 @@ pub fn tls_config(settings: &UpstreamSettings) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-/// The origins offered h2 over TLS, each once: those get an h2 lane. Git's origin when it
-/// differs from the API's has its own offer, `upstream.git_http2`.
-fn h2_origins(settings: &UpstreamSettings) -> Vec<Uri> {
+/// The API origin and, when it is another origin, the git origin, each with whether h2 is
+/// offered to it: `upstream.http2` for the API's, `upstream.git_http2` for git's own. Any other
+/// origin (an OAuth `token_url` elsewhere) gets the API's offer.
+fn origin_offers(settings: &UpstreamSettings) -> Vec<(Uri, bool)> {
     let api = origin_uri(&settings.api);
     let git = origin_uri(&settings.git);
-    let offers = if same_origin(&api, &git) {
+    if same_origin(&api, &git) {
         vec![(api, settings.http2)]
     } else {
         vec![(api, settings.http2), (git, settings.git_http2)]
-    };
-    offers
-        .into_iter()
-        .filter(|(origin, h2)| *h2 && origin.scheme() == Some(&http::uri::Scheme::HTTPS))
-        .map(|(origin, _)| origin)
-        .collect()
+    }
 }
 
 /// One client per config generation: pooled, HTTP/2 when the upstream offers it via ALPN and
@@ -181,18 +178,13 @@ pub fn build_client(
             http1.wrap_connector(egress.clone())
         }
     };
+    let offers = origin_offers(settings);
     // Git's own offer needs an origin of its own: one origin is one pool.
-    let git_origin = origin_uri(&settings.git);
-    let https = if settings.git_http2 != settings.http2
-        && !same_origin(&origin_uri(&settings.api), &git_origin)
-    {
-        OriginAlpnConnector::with_git(
-            connector(settings.http2),
-            git_origin,
-            connector(settings.git_http2),
-        )
-    } else {
-        OriginAlpnConnector::uniform(connector(settings.http2))
+    let https = match offers.as_slice() {
+        [(_, api_h2), (git, git_h2)] if api_h2 != git_h2 => {
+            OriginAlpnConnector::with_git(connector(*api_h2), git.clone(), connector(*git_h2))
+        }
+        _ => OriginAlpnConnector::uniform(connector(settings.http2)),
     };
     let warm_origins = if settings.keep_warm {
         warm_origins
@@ -215,7 +207,13 @@ pub fn build_client(
         .http2_keep_alive_while_idle(h2.keep_alive_while_idle)
         .http2_adaptive_window(true)
         .build(warm.clone());
-    let lanes = Lanes::new(h2_origins(settings), warm.clone(), &h2);
+    // Every origin offered h2 over TLS gets a lane; plain HTTP (loopback mocks) never speaks h2.
+    let h2_origins = offers
+        .into_iter()
+        .filter(|(origin, h2)| *h2 && origin.scheme() == Some(&http::uri::Scheme::HTTPS))
+        .map(|(origin, _)| origin)
+        .collect();
+    let lanes = Lanes::new(h2_origins, warm.clone(), &h2);
     let client = UpstreamClient { pooled, lanes };
     (client, warm)
 }

@@ -59,6 +59,7 @@ pub struct Lanes {
     builder: http2::Builder<TokioExecutor>,
 }
 
+/// One origin's lane: its connection, if open, and whether it is in use.
 pub struct Lane {
     origin: Uri,
     state: Mutex<State>,

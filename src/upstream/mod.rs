@@ -1,7 +1,7 @@
 //! Everything that talks to Bitbucket below the request path: the client ([`client`]), with
 //! one h2 connection per h2 origin ([`lane`]) and a pool for the rest, the corporate egress
-//! proxy ([`egress`]), the keep-warm spare connections ([`warm`]), OAuth token renewal ([`oauth`]) and the live credentials that hold it
-//! ([`credential`]).
+//! proxy ([`egress`]), the keep-warm spare connections ([`warm`]), OAuth token renewal
+//! ([`oauth`]) and the live credentials that hold it ([`credential`]).
 //!
 //! Built from settings by [`crate::runtime`]. Uses [`crate::base`], [`crate::bitbucket`],
 //! [`crate::config`] (settings only) and [`crate::telemetry`]; knows nothing of routes.

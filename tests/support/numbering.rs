@@ -6,13 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::Response;
+use std::net::SocketAddr;
+
+use futures_util::future::join_all;
+use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-use super::{RawUpstream, TestPki};
+use super::{RawUpstream, TestPki, get};
 
 /// A TLS upstream (h2 and http/1.1, as `alpn` offers) that closes every connection `lifetime`
 /// after its handshake, whether it carried requests or not: an idle timeout, the way
@@ -48,4 +51,20 @@ impl NumberingUpstream {
     pub fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::SeqCst)
     }
+}
+
+/// The `x-connection` of each of `requests` concurrent GETs of `path` through the proxy at
+/// `addr`, all of which must be answered 200.
+pub async fn served_on(addr: SocketAddr, path: &str, requests: usize) -> Vec<String> {
+    let responses = join_all((0..requests).map(|_| get(addr, path))).await;
+    responses
+        .into_iter()
+        .map(|response| {
+            assert_eq!(response.status(), StatusCode::OK);
+            response.headers()["x-connection"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
 }
