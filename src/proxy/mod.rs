@@ -11,7 +11,8 @@
 //!    [`cache_phase`] — identical GET/HEAD requests share one upstream request, and stored
 //!    answers are served ([`crate::cache`]); writes drop their repository's entries.
 //! 4. [`inject_credential`] — the upstream URI, clean headers, the route's `Authorization`.
-//! 5. [`forward`] — over the pooled TLS client, bounded by `upstream.timeout`.
+//! 5. [`forward`] — over the upstream client (an h2 lane or the pool), bounded by
+//!    `upstream.timeout`.
 //! 6. [`rewrite_response`] — hop-by-hop headers out, links pointed back at the proxy.
 //! 7. Logging happens in [`crate::server::access_log::AccessLogLayer`] around this service.
 //!
@@ -21,11 +22,8 @@
 pub mod admin;
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
@@ -79,19 +77,28 @@ impl ProxyService {
     }
 }
 
-impl tower::Service<Request<Incoming>> for ProxyService {
-    type Response = Response<ProxyBody>;
-    type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let state = self.state.clone();
-        let connection = self.connection.clone();
-        Box::pin(async move { Ok(handle(&state, &connection, request).await) })
+impl ProxyService {
+    /// This connection's tower service. Its future is not boxed: hyper keeps each request's
+    /// future in a slot of its own that lives as long as the connection. A boxed future was an
+    /// allocation of about 4.5 KiB per request, too large for the allocator's per-thread cache
+    /// (docs/performance.md, "The request's future").
+    pub fn into_service(
+        self,
+    ) -> impl tower::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send {
+        tower::service_fn(move |request: Request<Incoming>| {
+            let proxy = self.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    handle(&proxy.state, &proxy.connection, request).await,
+                )
+            }
+        })
     }
 }
 

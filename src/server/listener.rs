@@ -433,7 +433,7 @@ impl ServeContext {
                 self.in_flight.clone(),
                 open.clone(),
             ))
-            .service(ProxyService::new(self.state.clone(), info.clone()));
+            .service(ProxyService::new(self.state.clone(), info.clone()).into_service());
         // Boxed: a parked connection's task must not keep room for hyper's connection.
         let mut connection = Box::pin(
             self.builder
