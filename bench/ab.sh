@@ -47,7 +47,10 @@ for tool in nginx wrk openssl curl taskset python3; do
     command -v "$tool" >/dev/null || { echo "ab.sh: needs $tool" >&2; exit 1; }
 done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/pki.sh
 source "$ROOT/bench/pki.sh"
+# shellcheck source=bench/fixtures.sh
+source "$ROOT/bench/fixtures.sh"
 WORK=$(mktemp -d /tmp/bench-ab.XXXXXX)
 PIDS=()
 cleanup() {
@@ -66,10 +69,7 @@ UP=https://127.0.0.1:$P_UP
 mkdir -p "$WORK/pki" "$WORK/www" "$WORK/up"
 throwaway_pki "$WORK/pki" 2>/dev/null
 U=$UP$PAGE
-# The page of bench/run.sh: a repository as Bitbucket describes it, 1.3 KiB.
-cat >"$WORK/www/page.json" <<EOF
-{"type":"repository","full_name":"acme/widgets","links":{"self":{"href":"$U"},"html":{"href":"https://bitbucket.org/acme/widgets"},"pullrequests":{"href":"$U/pullrequests"},"commits":{"href":"$U/commits"},"forks":{"href":"$U/forks"},"branches":{"href":"$U/refs/branches"},"tags":{"href":"$U/refs/tags"},"source":{"href":"$U/src"},"clone":[{"name":"https","href":"https://bitbucket.org/acme/widgets.git"},{"name":"ssh","href":"git@bitbucket.org:acme/widgets.git"}]},"name":"widgets","slug":"widgets","scm":"git","owner":{"type":"team","uuid":"{0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5}","username":"acme"},"is_private":true,"project":{"type":"project","key":"WEB","name":"Web"},"fork_policy":"no_public_forks","created_on":"2021-03-04T10:11:12.345678+00:00","updated_on":"2024-11-05T08:09:10.111213+00:00","size":4521877,"language":"rust","uuid":"{6b7d3e1a-5c2f-4f0e-9a51-2b8e0c4d7f13}","mainbranch":{"name":"main","type":"branch"},"has_issues":false}
-EOF
+bench_page "$U" >"$WORK/www/page.json"
 NGINX_USER=""
 ((EUID == 0)) && NGINX_USER="user root;" # the temp dir is 0700
 cat >"$WORK/up/nginx.conf" <<EOF
@@ -102,14 +102,7 @@ listen = ["127.0.0.1:$2"]
 api_url = "$UP"
 ca_file = "$WORK/pki/ca.pem"
 
-[credentials.acme]
-kind = "workspace_access_token"
-workspace = "acme"
-token = { value = "$TOKEN" }
-
-[[routes]]
-prefix = "/2.0/repositories/acme"
-credential = "acme"
+$(acme_route "$TOKEN")
 coalesce = false
 EOF
 }

@@ -66,6 +66,8 @@ done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=bench/pki.sh
 source "$ROOT/bench/pki.sh"
+# shellcheck source=bench/fixtures.sh
+source "$ROOT/bench/fixtures.sh"
 RESULTS=$ROOT/bench/results
 export PATH=$PATH:/usr/sbin:/sbin
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -178,9 +180,7 @@ CA=$WORK/pki/ca.pem
 
 # --- Upstream content: a Bitbucket-style repository object (~1.2 KiB) and 64 MiB --------------
 U="$UP_ORIGIN$PAGE_PATH"
-cat >"$WORK/www/page.json" <<EOF
-{"type":"repository","full_name":"acme/widgets","links":{"self":{"href":"$U"},"html":{"href":"https://bitbucket.org/acme/widgets"},"pullrequests":{"href":"$U/pullrequests"},"commits":{"href":"$U/commits"},"forks":{"href":"$U/forks"},"branches":{"href":"$U/refs/branches"},"tags":{"href":"$U/refs/tags"},"source":{"href":"$U/src"},"clone":[{"name":"https","href":"https://bitbucket.org/acme/widgets.git"},{"name":"ssh","href":"git@bitbucket.org:acme/widgets.git"}]},"name":"widgets","slug":"widgets","scm":"git","owner":{"type":"team","uuid":"{0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5}","username":"acme"},"is_private":true,"project":{"type":"project","key":"WEB","name":"Web"},"fork_policy":"no_public_forks","created_on":"2021-03-04T10:11:12.345678+00:00","updated_on":"2024-11-05T08:09:10.111213+00:00","size":4521877,"language":"rust","uuid":"{6b7d3e1a-5c2f-4f0e-9a51-2b8e0c4d7f13}","mainbranch":{"name":"main","type":"branch"},"has_issues":false}
-EOF
+bench_page "$U" >"$WORK/www/page.json"
 PAGE_BYTES=$(stat -c %s "$WORK/www/page.json")
 head -c "$BIG_BYTES" /dev/urandom >"$WORK/www/big.bin"
 
@@ -332,14 +332,7 @@ api_url = "$UP_ORIGIN"
 ca_file = "$CA"
 http2 = ${4:-true}
 
-[credentials.acme]
-kind = "workspace_access_token"
-workspace = "acme"
-token = { value = "$TOKEN" }
-
-[[routes]]
-prefix = "/2.0/repositories/acme"
-credential = "acme"
+$(acme_route "$TOKEN")
 rewrite_links = $3
 # Like for like: nginx, HAProxy and the floors forward every request. Coalescing (on by default)
 # would answer wrk's identical concurrent GETs with one upstream request between them.

@@ -61,7 +61,8 @@ pub struct ConnectionInfo {
 #[derive(Debug, Clone)]
 pub struct MatchedRoute(pub Arc<Route>);
 
-/// The tower service at the heart of the proxy; cheap to clone (one per connection).
+/// The proxy for one connection: the shared state and what is known about the connection.
+/// [`ProxyService::into_service`] makes the tower service hyper serves.
 #[derive(Clone)]
 pub struct ProxyService {
     state: Arc<SharedState>,
@@ -75,12 +76,10 @@ impl ProxyService {
             connection: Arc::new(connection),
         }
     }
-}
 
-impl ProxyService {
     /// This connection's tower service. Its future is not boxed: hyper keeps each request's
-    /// future in a slot of its own that lives as long as the connection. A boxed future was an
-    /// allocation of about 4.5 KiB per request, too large for the allocator's per-thread cache
+    /// future in the one slot it holds per connection. A boxed future was an allocation of
+    /// about 4.5 KiB per request, too large for the allocator's per-thread cache
     /// (docs/performance.md, "The request's future").
     pub fn into_service(
         self,
