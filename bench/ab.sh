@@ -21,6 +21,8 @@ Each COMMAND runs through `bash -c` with these placeholders replaced:
   @CA@    the CA file the upstream's certificate chains to
   @CONF@  a proxy config for @PORT@ (one route, /2.0/repositories/acme, coalesce = false), in a
           directory of its own (the proxy watches its config's directory)
+  @NGINX@ the options that run nginx as bench/run.sh's nginx target on @PORT@, one worker
+          (`nginx=nginx @NGINX@`); a target's CPU includes its child processes
 Example, this proxy against floor-hyper:
   bench/ab.sh proxy='target/release/bitbucket-auth-proxy run --config @CONF@' \
     floor-hyper='bench/floor/target/release/floor-hyper 127.0.0.1:@PORT@ @UP@ @CA@'
@@ -70,15 +72,12 @@ mkdir -p "$WORK/pki" "$WORK/www" "$WORK/up"
 throwaway_pki "$WORK/pki" 2>/dev/null
 U=$UP$PAGE
 bench_page "$U" >"$WORK/www/page.json"
-NGINX_USER=""
-((EUID == 0)) && NGINX_USER="user root;" # the temp dir is 0700
 cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1; $NGINX_USER pid $WORK/up/nginx.pid; error_log $WORK/up/error.log warn;
-events { worker_connections 4096; }
+worker_processes 1;
+$(nginx_common "$WORK/up")
 http {
+$(nginx_temp_paths "$WORK/up")
   access_log off; sendfile on; tcp_nodelay on; keepalive_timeout 300s; keepalive_requests 1000000000;
-  client_body_temp_path $WORK/up/cb; proxy_temp_path $WORK/up/pt; fastcgi_temp_path $WORK/up/ft;
-  uwsgi_temp_path $WORK/up/ut; scgi_temp_path $WORK/up/st;
   server {
     listen 127.0.0.1:$P_UP ssl http2;
     ssl_certificate $WORK/pki/leaf.pem; ssl_certificate_key $WORK/pki/leaf.key;
@@ -107,7 +106,7 @@ coalesce = false
 EOF
 }
 
-taskset -c 0 nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -g 'daemon off;' &
+taskset -c 0 nginx -p "$WORK/up" -e "$WORK/up/error.log" -c "$WORK/up/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 declare -A PID PORT
 NAMES=()
@@ -116,6 +115,12 @@ for spec; do
     name=${spec%%=*} cmd=${spec#*=}
     [[ $name != "$spec" && -n $name ]] || usage
     proxy_conf "$WORK/conf-$port" "$port"
+    if [[ $cmd == *@NGINX@* ]]; then
+        dir=$WORK/nginx-$port
+        mkdir -p "$dir"
+        nginx_forwarder "$dir" 1 "$port" "$P_UP" "$TOKEN" "$WORK/pki/ca.pem" >"$dir/nginx.conf"
+        cmd=${cmd//@NGINX@/-p $dir -e $dir/error.log -c $dir/nginx.conf -g \'daemon off;\'}
+    fi
     cmd=${cmd//@PORT@/$port}
     cmd=${cmd//@UP@/$UP}
     cmd=${cmd//@CA@/$WORK/pki/ca.pem}
@@ -138,11 +143,14 @@ for name in "${NAMES[@]}"; do
     exit 1
 done
 
-ticks() { # utime+stime and utime of $1, in clock ticks
-    local stat fields
-    stat=$(<"/proc/$1/stat")
-    read -r -a fields <<<"${stat##*) }"
-    echo "$((fields[11] + fields[12])) ${fields[11]}"
+ticks() { # utime+stime and utime of $1 and its children (nginx's workers), in clock ticks
+    local pid stat fields total=0 user=0
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        stat=$(<"/proc/$pid/stat") || continue
+        read -r -a fields <<<"${stat##*) }"
+        total=$((total + fields[11] + fields[12])) user=$((user + fields[11]))
+    done
+    echo "$total $user"
 }
 HZ=$(getconf CLK_TCK)
 STAMP=$(date +%Y%m%d-%H%M%S)

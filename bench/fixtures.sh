@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Sourced by bench/run.sh and bench/ab.sh: what both serve and forward, so an A/B measures the
-# same exchange as the full benchmark.
+# Sourced by bench/run.sh and bench/ab.sh: what both serve and forward, and nginx as a forwarder,
+# so an A/B measures the same exchange as the full benchmark.
 
 # bench_page URL: the 1.3 KiB page, a repository as Bitbucket describes it, whose API links
 # point at URL (the page's own address at the upstream).
@@ -23,5 +23,55 @@ token = { value = "$1" }
 [[routes]]
 prefix = "/2.0/repositories/acme"
 credential = "acme"
+EOF
+}
+
+# The lines every nginx.conf here starts with, for a server whose files live in $1.
+nginx_common() { # $1 dir
+    ((EUID == 0)) && echo "user root;" # the temp dir is 0700
+    cat <<EOF
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+
+nginx_temp_paths() { # $1 dir
+    local t
+    for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $1/tmp_$t;"; done
+}
+
+# nginx doing this proxy's job: listens on 127.0.0.1:PORT, sets the token and forwards over a
+# pooled TLS connection to the upstream on 127.0.0.1:UP_PORT.
+nginx_forwarder() { # $1 dir $2 workers $3 port $4 upstream port $5 token $6 CA file
+    cat <<EOF
+worker_processes $2;
+$(nginx_common "$1")
+http {
+$(nginx_temp_paths "$1")
+  access_log off;
+  keepalive_timeout 300s;
+  keepalive_requests 1000000000;
+  proxy_max_temp_file_size 0;
+  upstream bitbucket {
+    server 127.0.0.1:$4;
+    keepalive 64;
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$3;
+    location / {
+      proxy_pass https://bitbucket;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $5";
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate $6;
+      proxy_ssl_name 127.0.0.1;
+      proxy_ssl_session_reuse on;
+    }
+  }
+}
 EOF
 }

@@ -210,22 +210,6 @@ done
 EOF
 
 # --- Configs ---------------------------------------------------------------------------------
-NGINX_USER=""
-((EUID == 0)) && NGINX_USER="user root;" # the temp dir is 0700
-
-nginx_common() { # $1 dir
-    cat <<EOF
-$NGINX_USER
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 4096; }
-EOF
-}
-nginx_temp_paths() { # $1 dir
-    local t
-    for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $1/tmp_$t;"; done
-}
-
 write_upstream_conf() { # $1 workers
     local d=$WORK/upstream
     mkdir -p "$d"
@@ -266,38 +250,8 @@ EOF
 }
 
 write_nginx_target_conf() { # $1 workers
-    local d=$WORK/nginx
-    mkdir -p "$d"
-    cat >"$d/nginx.conf" <<EOF
-worker_processes $1;
-$(nginx_common "$d")
-http {
-$(nginx_temp_paths "$d")
-  access_log off;
-  keepalive_timeout 300s;
-  keepalive_requests 1000000000;
-  proxy_max_temp_file_size 0;
-  upstream bitbucket {
-    server 127.0.0.1:$P_UP;
-    keepalive 64;
-    keepalive_requests 1000000000;
-    keepalive_timeout 300s;
-  }
-  server {
-    listen 127.0.0.1:$P_NGINX;
-    location / {
-      proxy_pass https://bitbucket;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $TOKEN";
-      proxy_ssl_verify on;
-      proxy_ssl_trusted_certificate $CA;
-      proxy_ssl_name 127.0.0.1;
-      proxy_ssl_session_reuse on;
-    }
-  }
-}
-EOF
+    mkdir -p "$WORK/nginx"
+    nginx_forwarder "$WORK/nginx" "$1" "$P_NGINX" "$P_UP" "$TOKEN" "$CA" >"$WORK/nginx/nginx.conf"
 }
 
 write_haproxy_conf() { # $1 threads
