@@ -72,25 +72,8 @@ mkdir -p "$WORK/pki" "$WORK/www" "$WORK/up"
 throwaway_pki "$WORK/pki" 2>/dev/null
 U=$UP$PAGE
 bench_page "$U" >"$WORK/www/page.json"
-cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1;
-$(nginx_common "$WORK/up")
-http {
-$(nginx_temp_paths "$WORK/up")
-  access_log off; sendfile on; tcp_nodelay on; keepalive_timeout 300s; keepalive_requests 1000000000;
-  server {
-    listen 127.0.0.1:$P_UP ssl http2;
-    ssl_certificate $WORK/pki/leaf.pem; ssl_certificate_key $WORK/pki/leaf.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location = $PAGE {
-      if (\$http_authorization != "Bearer $TOKEN") { return 401; }
-      types { } default_type application/json;
-      alias $WORK/www/page.json;
-    }
-    location / { return 404; }
-  }
-}
-EOF
+nginx_upstream "$WORK/up" 1 "$P_UP" "$WORK/pki" \
+    "$(bearer_location "$PAGE" "$WORK/www/page.json" application/json "$TOKEN")" >"$WORK/up/nginx.conf"
 proxy_conf() { # $1 dir $2 port
     mkdir -p "$1"
     cat >"$1/proxy.toml" <<EOF

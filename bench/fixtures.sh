@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Sourced by bench/run.sh and bench/ab.sh: what both serve and forward, and nginx as a forwarder,
-# so an A/B measures the same exchange as the full benchmark.
+# Sourced by bench/run.sh and bench/ab.sh: the upstream nginx and what it serves, the proxy's
+# route, and nginx as a forwarder, so an A/B measures the same exchange as the full benchmark.
 
 # bench_page URL: the 1.3 KiB page, a repository as Bitbucket describes it, whose API links
 # point at URL (the page's own address at the upstream).
@@ -72,6 +72,45 @@ $(nginx_temp_paths "$1")
       proxy_ssl_session_reuse on;
     }
   }
+}
+EOF
+}
+
+# A location that serves FILE as TYPE at PATH to requests bearing TOKEN, 401 to others.
+bearer_location() { # $1 path $2 file $3 content type $4 token
+    cat <<EOF
+    location = $1 {
+      if (\$http_authorization != "Bearer $4") { return 401; }
+      types { } default_type $3;
+      alias $2;
+    }
+EOF
+}
+
+# nginx as the benchmarks' Bitbucket: TLS (1.2, 1.3) with h2 and http/1.1 on 127.0.0.1:PORT,
+# with the leaf of PKI; LOCATIONS (from bearer_location) in that server, 404 elsewhere, and
+# any further server blocks after it.
+nginx_upstream() { # $1 dir $2 workers $3 port $4 pki dir $5 locations [$6 further servers]
+    cat <<EOF
+worker_processes $2;
+$(nginx_common "$1")
+http {
+$(nginx_temp_paths "$1")
+  access_log off;
+  sendfile on;
+  tcp_nodelay on;
+  keepalive_timeout 300s;
+  keepalive_requests 1000000000;
+  server {
+    listen 127.0.0.1:$3 ssl http2;
+    ssl_certificate $4/leaf.pem;
+    ssl_certificate_key $4/leaf.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:bench:1m;
+$5
+    location / { return 404; }
+  }
+${6:-}
 }
 EOF
 }

@@ -213,40 +213,13 @@ EOF
 write_upstream_conf() { # $1 workers
     local d=$WORK/upstream
     mkdir -p "$d"
-    cat >"$d/nginx.conf" <<EOF
-worker_processes $1;
-$(nginx_common "$d")
-http {
-$(nginx_temp_paths "$d")
-  access_log off;
-  sendfile on;
-  tcp_nodelay on;
-  keepalive_timeout 300s;
-  keepalive_requests 1000000000;
-  server {
-    listen 127.0.0.1:$P_UP ssl http2;
-    ssl_certificate $WORK/pki/leaf.pem;
-    ssl_certificate_key $WORK/pki/leaf.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:bench:1m;
-    location = $PAGE_PATH {
-      if (\$http_authorization != "Bearer $TOKEN") { return 401; }
-      types { } default_type application/json;
-      alias $WORK/www/page.json;
-    }
-    location = $BIG_PATH {
-      if (\$http_authorization != "Bearer $TOKEN") { return 401; }
-      types { } default_type application/octet-stream;
-      alias $WORK/www/big.bin;
-    }
-    location / { return 404; }
-  }
-  server {
+    nginx_upstream "$d" "$1" "$P_UP" "$WORK/pki" \
+        "$(bearer_location "$PAGE_PATH" "$WORK/www/page.json" application/json "$TOKEN")
+$(bearer_location "$BIG_PATH" "$WORK/www/big.bin" application/octet-stream "$TOKEN")" \
+        "  server {
     listen 127.0.0.1:$P_STATUS;
     location = /status { stub_status; }
-  }
-}
-EOF
+  }" >"$d/nginx.conf"
 }
 
 write_nginx_target_conf() { # $1 workers
