@@ -127,7 +127,6 @@ impl Future for LaneRequest<'_> {
                     Ok(response) => Outcome::Answered(Ok(response)),
                     Err(error) => match unsent(error) {
                         Ok(request) => {
-                            lane.forget_closed();
                             let mut slow = lanes.send_slow(lane, request, 1);
                             let polled = slow.as_mut().poll(cx);
                             *self = LaneRequest::Slow(slow);
@@ -233,10 +232,7 @@ impl Lanes {
                 match sending.await {
                     Ok(response) => return Outcome::Answered(Ok(response)),
                     Err(error) => match unsent(error) {
-                        Ok(back) => {
-                            lane.forget_closed();
-                            request = back;
-                        }
+                        Ok(back) => request = back,
                         Err(error) => return Outcome::Answered(Err(LaneError::Exchange(error))),
                     },
                 }
@@ -283,7 +279,8 @@ enum Attempt<F> {
 }
 
 impl Lane {
-    /// Hands `request` to the open connection, if there is one.
+    /// Hands `request` to the open connection, if there is one. A connection that has closed
+    /// is let go here, so the caller opens another.
     fn try_send(
         &self,
         request: Request<Body>,
@@ -315,14 +312,6 @@ impl Lane {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Drops the lane's connection if it has closed, so the next request opens another.
-    fn forget_closed(&self) {
-        let mut state = self.state();
-        if matches!(&*state, State::Open(sender) if sender.is_closed()) {
-            *state = State::Closed;
-        }
     }
 }
 
