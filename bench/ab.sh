@@ -126,14 +126,9 @@ for name in "${NAMES[@]}"; do
     exit 1
 done
 
-ticks() { # utime+stime and utime of $1 and its children (nginx's workers), in clock ticks
-    local pid stat fields total=0 user=0
-    for pid in "$1" $(pgrep -P "$1" || true); do
-        stat=$(<"/proc/$pid/stat") || continue
-        read -r -a fields <<<"${stat##*) }"
-        total=$((total + fields[11] + fields[12])) user=$((user + fields[11]))
-    done
-    echo "$total $user"
+ticks() { # cpu_ticks of $1 and its children (nginx's workers)
+    # shellcheck disable=SC2046 # one pid per word
+    cpu_ticks "$1" $(pgrep -P "$1" || true)
 }
 HZ=$(getconf CLK_TCK)
 STAMP=$(date +%Y%m%d-%H%M%S)

@@ -114,3 +114,14 @@ ${6:-}
 }
 EOF
 }
+
+# utime+stime and utime, in clock ticks, summed over the given pids, from one reading each.
+cpu_ticks() { # pids...
+    local pid stat fields total=0 user=0
+    for pid; do
+        stat=$(<"/proc/$pid/stat")
+        read -r -a fields <<<"${stat##*) }"
+        total=$((total + fields[11] + fields[12])) user=$((user + fields[11]))
+    done
+    echo "$total $user"
+}

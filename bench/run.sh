@@ -289,19 +289,6 @@ wait_until() { # $1 description, rest: command that succeeds when ready; 10 s bo
 listening() { [[ -n $(ss -Hltn "sport = :$1") ]]; }
 health_ok() { [[ $(http_code "http://127.0.0.1:$1/-/health") == 200 ]]; }
 
-cpu_ticks() { # utime+stime, clock ticks, summed over pids; with CPU_USER_ONLY=1, utime alone
-    local pid s total=0 f
-    for pid; do
-        s=$(<"/proc/$pid/stat")
-        read -r -a f <<<"${s##*) }"
-        if ((${CPU_USER_ONLY:-0})); then
-            total=$((total + f[11]))
-        else
-            total=$((total + f[11] + f[12]))
-        fi
-    done
-    echo "$total"
-}
 rss_kib() {
     local pid key value _ total=0
     for pid; do
@@ -439,10 +426,9 @@ run_cell() { # $1 mode $2 round $3 cell $4 target
     local acc0 acc1 cpu0=0 cpu1=0 user0=0 user1=0 peak="" up0 up1 up_pids
     read -r -a up_pids <<<"$(echo "$UPSTREAM_PID" $(pgrep -P "$UPSTREAM_PID"))"
     acc0=$(upstream_accepts)
-    up0=$(cpu_ticks "${up_pids[@]}")
+    read -r up0 _ < <(cpu_ticks "${up_pids[@]}")
     if ((${#pids[@]})); then
-        cpu0=$(cpu_ticks "${pids[@]}")
-        user0=$(CPU_USER_ONLY=1 cpu_ticks "${pids[@]}")
+        read -r cpu0 user0 < <(cpu_ticks "${pids[@]}")
         : >"$WORK/peak"
         "${pin_load[@]}" bash "$WORK/rss.sh" "$WORK/peak" "${pids[@]}" &
         sampler=$!
@@ -451,14 +437,13 @@ run_cell() { # $1 mode $2 round $3 cell $4 target
     out=$("${pin_load[@]}" "${wrk[@]}" -d"${DUR}s" --latency -s "$WORK/report.lua" "$url" 2>&1) ||
         die "wrk failed on $target $cell: $out"
     if ((${#pids[@]})); then
-        cpu1=$(cpu_ticks "${pids[@]}")
-        user1=$(CPU_USER_ONLY=1 cpu_ticks "${pids[@]}")
+        read -r cpu1 user1 < <(cpu_ticks "${pids[@]}")
         kill "$sampler" 2>/dev/null || true
         wait "$sampler" 2>/dev/null || true
         forget_pid "$sampler"
         peak=$(<"$WORK/peak")
     fi
-    up1=$(cpu_ticks "${up_pids[@]}")
+    read -r up1 _ < <(cpu_ticks "${up_pids[@]}")
     acc1=$(upstream_accepts)
     echo "$out" >>"$WORK/wrk.log"
     local line
