@@ -26,18 +26,19 @@ credential = "acme"
 EOF
 }
 
-# The lines every nginx.conf here starts with, for a server whose files live in $1.
-nginx_common() { # $1 dir
+# What every nginx.conf here starts with, for WORKERS workers and files in DIR, up to and
+# including the opening of its http block; the caller adds its own directives and closes it.
+nginx_conf_head() { # $1 dir $2 workers
+    local t
+    echo "worker_processes $2;"
     ((EUID == 0)) && echo "user root;" # the temp dir is 0700
     cat <<EOF
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 events { worker_connections 4096; }
+http {
+  access_log off;
 EOF
-}
-
-nginx_temp_paths() { # $1 dir
-    local t
     for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $1/tmp_$t;"; done
 }
 
@@ -45,11 +46,7 @@ nginx_temp_paths() { # $1 dir
 # pooled TLS connection to the upstream on 127.0.0.1:UP_PORT.
 nginx_forwarder() { # $1 dir $2 workers $3 port $4 upstream port $5 token $6 CA file
     cat <<EOF
-worker_processes $2;
-$(nginx_common "$1")
-http {
-$(nginx_temp_paths "$1")
-  access_log off;
+$(nginx_conf_head "$1" "$2")
   keepalive_timeout 300s;
   keepalive_requests 1000000000;
   proxy_max_temp_file_size 0;
@@ -92,11 +89,7 @@ EOF
 # any further server blocks after it.
 nginx_upstream() { # $1 dir $2 workers $3 port $4 pki dir $5 locations [$6 further servers]
     cat <<EOF
-worker_processes $2;
-$(nginx_common "$1")
-http {
-$(nginx_temp_paths "$1")
-  access_log off;
+$(nginx_conf_head "$1" "$2")
   sendfile on;
   tcp_nodelay on;
   keepalive_timeout 300s;
