@@ -2,11 +2,10 @@
 //! answers every request with `x-connection: N`, so a test can tell which connection a request
 //! travelled on.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-use std::net::SocketAddr;
 
 use futures_util::future::join_all;
 use http::{Response, StatusCode};
