@@ -19,8 +19,9 @@ usage: bench/ab.sh [--dur S] [--rounds N] [--conns LIST] [--keep] NAME=COMMAND..
 Each COMMAND runs through `bash -c` with these placeholders replaced:
   @PORT@  the port it must listen on (127.0.0.1)    @UP@  the upstream's origin (https)
   @CA@    the CA file the upstream's certificate chains to
-  @CONF@  a proxy config for @PORT@ (one route, /2.0/repositories/acme, coalesce = false), in a
-          directory of its own (the proxy watches its config's directory)
+  @CONF@  a proxy config for @PORT@ (one route, /2.0/repositories/acme, rewrite_links and
+          coalesce off as in bench/run.sh's proxy target), in a directory of its own (the proxy
+          watches its config's directory)
   @NGINX@ the options that run nginx as bench/run.sh's nginx target on @PORT@, one worker
           (`nginx=nginx @NGINX@`); a target's CPU includes its child processes
 Example, this proxy against floor-hyper:
@@ -85,6 +86,8 @@ api_url = "$UP"
 ca_file = "$WORK/pki/ca.pem"
 
 $(acme_route "$TOKEN")
+# As bench/run.sh's proxy target: like for like with forwarders that neither rewrite nor coalesce.
+rewrite_links = false
 coalesce = false
 EOF
 }
