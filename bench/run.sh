@@ -601,8 +601,8 @@ if any(r["target"].startswith("floor-") for r in rows):
     print()
     print("floor-hyper, floor-h2 and floor-conn (bench/floor, with --floors) are not proxies: a hyper "
           "HTTP/1.1 server that drops Host, sets Authorization and forwards, through hyper-util's "
-          "pooled client (floor-hyper), one h2 connection driven by the h2 crate (floor-h2) or one "
-          "through hyper's connection API, as the proxy's h2 lanes (floor-conn), with no routes, "
+          "pooled client (floor-hyper), one h2 connection driven by the h2 crate, as the proxy's h2 "
+          "lanes (floor-h2), or one through hyper's connection API (floor-conn), with no routes, "
           "limits, timeouts, metrics or logs. They show what this stack costs at the least.")
 print()
 print(f"Proxy start-up, exec to first 200 on /-/health: median {startup[0]:.1f} ms "

@@ -311,10 +311,108 @@ delegate_body!(
 );
 
 pin_project! {
+    /// A response body from the upstream: hyper's for a pooled connection (HTTP/1.1), an h2
+    /// stream for a lane (`crate::upstream::lane`).
+    #[project = UpstreamBodyProj]
+    pub enum UpstreamBody {
+        Pooled { #[pin] body: Incoming },
+        Lane { #[pin] body: H2Body },
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamBodyProj::Pooled { body } => body.poll_frame(cx).map_err(Into::into),
+            UpstreamBodyProj::Lane { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Pooled { body } => body.is_end_stream(),
+            UpstreamBody::Lane { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Pooled { body } => body.size_hint(),
+            UpstreamBody::Lane { body } => body.size_hint(),
+        }
+    }
+}
+
+/// An h2 response stream as a body. Flow-control credit goes back to the upstream as each
+/// chunk is taken, so what is buffered for a slow client stays within the stream's window.
+#[derive(Debug)]
+pub struct H2Body {
+    stream: h2::RecvStream,
+    /// `Content-Length` minus what has been taken, for an exact size hint.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub fn new(stream: h2::RecvStream, content_length: Option<u64>) -> Self {
+        H2Body {
+            stream,
+            remaining: content_length,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Fails only once the stream is gone, which the next poll reports.
+                    let _ = self.stream.flow_control().release_capacity(data.len());
+                    if let Some(remaining) = &mut self.remaining {
+                        *remaining = remaining.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(self.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+pin_project! {
     /// Every response body the proxy sends: an upstream stream, or a small local answer.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        Upstream { #[pin] body: TimedBody<Incoming> },
+        Upstream { #[pin] body: TimedBody<UpstreamBody> },
         // A body the link rewriter streams (`crate::rewrite`, a layer above this one, hence
         // the box). Boxed anyway: the rewriter's state is six times the size of the other
         // variants, and every response in flight, rewritten or not, would otherwise hold room

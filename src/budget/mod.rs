@@ -201,14 +201,18 @@ impl CredentialBudget {
                     per_hour: DEFAULT_PER_HOUR,
                 })
             };
-            let answer = shared
-                .store
-                .admit(shared.credential.budget_identity(), policy, probe_ttl)
-                .await
-                .map(|(verdict, reports)| {
-                    self.adopt_reports(now, &reports);
-                    verdict
-                });
+            // Boxed, as every store call on the request path: only a fleet makes it, and inline
+            // it would add its size to every request's future (docs/performance.md).
+            let answer = Box::pin(shared.store.admit(
+                shared.credential.budget_identity(),
+                policy,
+                probe_ttl,
+            ))
+            .await
+            .map(|(verdict, reports)| {
+                self.adopt_reports(now, &reports);
+                verdict
+            });
             match answer {
                 Ok(Verdict::Admitted(admission)) => {
                     let sent = admission.sent;
@@ -372,7 +376,7 @@ impl UpstreamAttempt {
                 .metrics
                 .reported(report.limit, report.remaining, report.near_limit, left);
             if let Some(shared) = &shared {
-                budget.share_report(shared, &report, now).await;
+                Box::pin(budget.share_report(shared, &report, now)).await;
             }
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
@@ -392,20 +396,18 @@ impl UpstreamAttempt {
                     // Unavailable: the other replicas learn of it from their own 429s.
                     let identity = shared.credential.budget_identity();
                     let probe = shared_probe.take();
-                    let _ = shared
-                        .store
-                        .cool_down(identity, length, probe.as_ref())
-                        .await;
+                    let _ =
+                        Box::pin(shared.store.cool_down(identity, length, probe.as_ref())).await;
                 }
             }
             // A 429 that started nothing here still ends this request's turn as the probe.
             if let (Some(shared), Some(probe)) = (&shared, shared_probe.take()) {
-                let _ = shared.store.probe_release(&probe).await;
+                let _ = Box::pin(shared.store.probe_release(&probe)).await;
             }
         } else {
             if let (Some(shared), Some(probe)) = (&shared, shared_probe.take()) {
                 // Unavailable: the turn lapses, and the next request probes again.
-                let _ = shared.store.probe_answered(&probe).await;
+                let _ = Box::pin(shared.store.probe_answered(&probe)).await;
             }
             if probe {
                 tracing::info!(

@@ -21,10 +21,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::policy;
-use crate::base::body::{BoxError, Direction, TimedBody};
+use crate::base::body::{BoxError, Direction, TimedBody, UpstreamBody};
 use crate::base::headers;
 use crate::error::ProxyError;
 
@@ -55,7 +54,7 @@ struct FlightState {
     chunks: Vec<Bytes>,
     len: usize,
     end: Option<End>,
-    handoff: Option<TimedBody<Incoming>>,
+    handoff: Option<TimedBody<UpstreamBody>>,
     wakers: Vec<Waker>,
     /// Filled from the shared store: the entry's age then, and when.
     stored: Option<(Duration, Instant)>,
@@ -123,7 +122,7 @@ impl Flight {
     /// the pauses in the upstream body.
     pub async fn fill(
         &self,
-        answer: Result<Response<Incoming>, ProxyError>,
+        answer: Result<Response<UpstreamBody>, ProxyError>,
         idle: Duration,
     ) -> Filled {
         let response = match answer {
@@ -331,7 +330,7 @@ pub struct FlightBody {
     offset: usize,
     owner: bool,
     /// The owner's direct stream once the body went past the cap.
-    direct: Option<TimedBody<Incoming>>,
+    direct: Option<TimedBody<UpstreamBody>>,
     done: bool,
 }
 

@@ -45,7 +45,7 @@ use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::base::body::{BoxError, LocalBody, ProxyBody};
+use crate::base::body::{BoxError, LocalBody, ProxyBody, UpstreamBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::rewrite;
@@ -207,7 +207,7 @@ impl Cache {
         lock(&self.flights).retain(|key, _| !in_scope(key));
         lock(&self.store).retain(|key, _| !in_scope(key));
         if let Some(shared) = &self.shared {
-            shared.invalidate(write).await;
+            Box::pin(shared.invalidate(write)).await;
         }
     }
 
@@ -274,7 +274,7 @@ impl Cache {
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         F: FnOnce(Request<Incoming>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static,
+        Fut: Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static,
     {
         let now = Instant::now();
         let mut stale = None;
@@ -394,7 +394,7 @@ impl Cache {
         registered: bool,
     ) where
         F: FnOnce(Request<Incoming>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static,
+        Fut: Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static,
     {
         let started = lock(&self.epochs).seq;
         let keep = lookup.freshness.is_some() && lookup.directives.write_store;

@@ -310,7 +310,7 @@ impl Cache {
             Ok(entry) | Err(entry) => entry,
         };
         if let (Some(shared), Some((key, gens))) = (&self.shared, &entry.shared)
-            && !shared.current(key, gens).await
+            && !Box::pin(shared.current(key, gens)).await
         {
             let mut store = lock(&self.store);
             // Only this copy: another request may have stored a newer one meanwhile.

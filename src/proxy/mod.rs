@@ -22,6 +22,7 @@
 pub mod admin;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::base::body::RequestBytes;
-use crate::base::body::{Direction, ProxyBody, TimedBody, UpstreamRequestBody};
+use crate::base::body::{Direction, ProxyBody, TimedBody, UpstreamBody, UpstreamRequestBody};
 use crate::base::headers;
 use crate::budget::{BudgetPermit, Shared};
 use crate::cache::{self, Plan};
@@ -170,17 +171,22 @@ async fn run_phases(
         // A stored answer costs no budget: it may still answer a refused request.
         Err(refused) => {
             return match &plan {
-                Plan::Shared(lookup) => generation
-                    .cache
-                    .answer_refusal(&client, lookup, &refused)
-                    .await
-                    .ok_or(refused),
+                // Boxed: rare, and inline it would add its size to every request's future.
+                Plan::Shared(lookup) => {
+                    Box::pin(generation.cache.answer_refusal(&client, lookup, &refused))
+                        .await
+                        .ok_or(refused)
+                }
                 Plan::Bypass(_) => Err(refused),
             };
         }
     };
     match plan {
-        Plan::Shared(lookup) => cache_phase(generation, &client, lookup, request, permit).await,
+        // Boxed: the cache's own state would otherwise size every request's future, including
+        // the requests that bypass it; a shared request already spawns its upstream request.
+        Plan::Shared(lookup) => {
+            Box::pin(cache_phase(generation, &client, lookup, request, permit)).await
+        }
         Plan::Bypass(status) => {
             let write = generation
                 .cache
@@ -233,7 +239,7 @@ pub async fn fetch_upstream(
     route: &Arc<Route>,
     request: Request<Incoming>,
     permit: Option<BudgetPermit>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let config = &generation.config;
     let credential = &route.credential;
     let timeout = config.upstream.timeout;
@@ -462,37 +468,40 @@ pub fn inject_credential(
 /// A GET or HEAD without a body whose connection could not be made (refused, reset or TLS
 /// failure before a byte of the request went out) is tried once more on a fresh connection.
 /// Nothing else is retried: the upstream may already have acted on it.
-pub async fn forward(
-    generation: &Generation,
+///
+/// The request starts on its way when this is called, not when the future is first polled:
+/// the future then holds the client's answer in progress rather than the request, which keeps
+/// every request's future smaller (docs/performance.md, "The request's future").
+pub fn forward<'a>(
+    generation: &'a Generation,
     request: Request<UpstreamRequestBody>,
-    replay: Option<&Replay>,
+    replay: Option<&'a Replay>,
     sent_at: Instant,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
     let timeout = generation.config.upstream.timeout;
     let deadline = sent_at + timeout;
     // A body still uploading pushes the deadline out: some upstreams answer only once it is in.
     let progress = request.body().progress();
-    let first = crate::base::body::timeout_at_unless_moving(
-        deadline,
-        timeout,
-        progress,
-        generation.client.request(request),
-    )
-    .await;
-    let result = match (first, replay) {
-        (Ok(Err(error)), Some(replay)) if error.is_connect() && replay.is_safe() => {
-            tracing::debug!(error = %crate::base::error_chain(&error), "connecting upstream failed; retrying once");
-            tokio::time::timeout_at(deadline, generation.client.request(replay.request(None))).await
+    let sending = generation.client.request(request);
+    async move {
+        let first =
+            crate::base::body::timeout_at_unless_moving(deadline, timeout, progress, sending).await;
+        let result = match (first, replay) {
+            (Ok(Err(error)), Some(replay)) if error.is_connect() && replay.is_safe() => {
+                tracing::debug!(error = %crate::base::error_chain(&error), "connecting upstream failed; retrying once");
+                let again = generation.client.request(replay.request(None));
+                tokio::time::timeout_at(deadline, again).await
+            }
+            (first, _) => first,
+        };
+        match result {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(ProxyError::from_client_error(&error)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+                "no response headers within {}",
+                humantime::format_duration(timeout)
+            ))),
         }
-        (first, _) => first,
-    };
-    match result {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => Err(ProxyError::from_client_error(&error)),
-        Err(_) => Err(ProxyError::UpstreamTimeout(format!(
-            "no response headers within {}",
-            humantime::format_duration(timeout)
-        ))),
     }
 }
 
@@ -565,7 +574,7 @@ pub fn rewrite_response(
     generation: &Generation,
     route: &Arc<Route>,
     client_host: Option<&HeaderValue>,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     headers::sanitize_response(&mut parts.headers);

@@ -22,7 +22,7 @@ use http::response::Parts;
 use http::{HeaderMap, HeaderValue, header};
 use http_body::Body;
 
-use crate::base::body::{BoxError, ProxyBody, TimedBody};
+use crate::base::body::{BoxError, ProxyBody, TimedBody, UpstreamBody};
 use crate::config::Config;
 use crate::routing::Route;
 
@@ -74,7 +74,7 @@ pub fn rewrite(
     route: &Arc<Route>,
     client_host: Option<&HeaderValue>,
     parts: &mut Parts,
-    body: TimedBody<hyper::body::Incoming>,
+    body: TimedBody<UpstreamBody>,
 ) -> ProxyBody {
     match rewrite_any(config, patterns, route, client_host, parts, body) {
         Rewritten::Plain(body) => ProxyBody::Upstream { body },

@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +15,7 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 
-use crate::base::body::UpstreamRequestBody;
+use crate::base::body::{UpstreamBody, UpstreamRequestBody};
 use crate::config::{Origin, UpstreamSettings};
 use crate::upstream::alpn::{OriginAlpnConnector, same_origin};
 use crate::upstream::egress::EgressConnector;
@@ -76,7 +75,7 @@ pub enum UpstreamResponse<'a> {
 }
 
 impl Future for UpstreamResponse<'_> {
-    type Output = Result<Response<Incoming>, UpstreamError>;
+    type Output = Result<Response<UpstreamBody>, UpstreamError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -93,7 +92,11 @@ impl Future for UpstreamResponse<'_> {
                     }
                 },
                 UpstreamResponse::Pooled(pooled) => {
-                    return Pin::new(pooled).poll(cx).map_err(UpstreamError::Pooled);
+                    return Pin::new(pooled).poll(cx).map(|answer| {
+                        answer
+                            .map(|response| response.map(|body| UpstreamBody::Pooled { body }))
+                            .map_err(UpstreamError::Pooled)
+                    });
                 }
             }
         }

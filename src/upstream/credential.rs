@@ -103,7 +103,11 @@ impl Credential {
                 UpstreamKind::Api => rest.clone(),
                 UpstreamKind::Git => git.clone(),
             }),
-            Authorization::OAuth(oauth) => oauth.authorization(upstream, client, timeout).await,
+            // Boxed: a token fetch is a request of its own, and inline it would add its size to
+            // every request's future, static credentials' too (docs/performance.md).
+            Authorization::OAuth(oauth) => {
+                Box::pin(oauth.authorization(upstream, client, timeout)).await
+            }
         }
     }
 
@@ -134,7 +138,7 @@ impl Credential {
         match &self.auth {
             Authorization::Static { .. } => Ok(None),
             Authorization::OAuth(oauth) => {
-                oauth.renew_refused(used, upstream, client, timeout).await
+                Box::pin(oauth.renew_refused(used, upstream, client, timeout)).await
             }
         }
     }

@@ -1,40 +1,50 @@
 //! The h2 lane: one multiplexed HTTP/2 connection per upstream origin that offers h2, driven
-//! through hyper's connection API (`hyper::client::conn::http2`) rather than hyper-util's pool.
+//! with the `h2` crate directly rather than through hyper's client.
 //!
 //! Why a lane of its own: an h2 origin needs one connection, shared by every request, and
-//! hyper-util's pool does more per request than that calls for (a pool lookup under a lock, a
-//! boxed send future, clones of the connector and the URI). Measured with the floors in
-//! `bench/floor` (`floor-conn` against `floor-hyper`), that is about 0.8 µs of CPU per request,
-//! 4-5 % of what a proxied request costs (docs/performance.md). The lane keeps what the pool
-//! did for h2 and nothing more:
+//! hyper's client does more per request than that calls for. hyper-util's pool adds a lookup
+//! under a lock, a boxed send future and clones of the connector and the URI; hyper's
+//! connection API beneath it adds a channel to the connection's task, a task and a one-shot
+//! channel per request, and a clock reading per frame for its PING bookkeeping. Measured with
+//! the floors in `bench/floor` (`floor-hyper`, `floor-conn` and `floor-h2`), each step is
+//! about 0.8 µs of CPU per request, 4-5 % of what a proxied request costs
+//! (docs/performance.md). Here a request is a stream opened from the caller's own task, and
+//! its response head wakes that task directly. The lane keeps what the pool did for h2:
 //!
 //! - Connections come from the same [`WarmConnector`] as the pool's, so `keep_warm`'s spares,
 //!   the egress proxy and each origin's ALPN offer apply unchanged.
 //! - One request at a time opens a connection; the rest wait for it and then share it.
-//! - A request the connection hands back unsent (it was closing: GOAWAY, EOF) is sent once more
-//!   on a fresh connection, as hyper-util's `retry_canceled_requests` does.
+//! - A request that finds its connection closing (GOAWAY received, EOF, a failed PING) is sent
+//!   on a fresh connection instead: nothing of it went out.
+//! - hyper's HTTP/2 settings: frame and header-list limits, adaptive flow-control windows and
+//!   PING keep-alive, kept by each connection's task ([`crate::upstream::h2_driver`]).
 //! - An origin whose TLS server picks HTTP/1.1 is handed to the pool for good (for this client,
 //!   that is until `[upstream]` changes): the connection just opened is given back to the
 //!   connector, so the pool's first connect takes it rather than opening another.
 //!
-//! Uses [`crate::upstream::warm`] and [`crate::upstream::alpn`]; knows nothing of routes.
+//! Each request is a stream of the connection ([`crate::upstream::h2_stream`]). Uses
+//! [`crate::upstream::warm`], [`crate::upstream::alpn`], [`crate::upstream::h2_driver`],
+//! [`crate::upstream::h2_stream`] and [`crate::base::body`]; knows nothing of routes.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http2};
+use http_body::Body as _;
 use hyper_util::client::legacy::connect::Connection;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tower::Service;
 
-use crate::base::body::{BoxError, UpstreamRequestBody};
+use crate::base::body::{BoxError, UpstreamBody, UpstreamRequestBody};
 use crate::upstream::alpn::same_origin;
+use crate::upstream::h2_driver::{self, Counted, Driver, Ended, KeepAlive};
+use crate::upstream::h2_stream::{Abandon, into_upstream_response, send_body};
 use crate::upstream::warm::WarmConnector;
 
 type Body = UpstreamRequestBody;
@@ -43,7 +53,15 @@ type Body = UpstreamRequestBody;
 /// that closes again at once means the upstream is shedding connections, not a race.
 const MAX_SENDS: usize = 3;
 
-/// The h2 settings the pool used, so a request sees the same connection through the lane.
+/// hyper's client defaults, so a request sees the connection hyper would have made: a bounded
+/// send buffer, and response heads of at most 16 KiB (a larger one is refused before it is
+/// buffered). The windows start at HTTP/2's initial size and adapt ([`h2_driver`]).
+const MAX_FRAME_SIZE: u32 = 16 << 10;
+const MAX_SEND_BUFFER: usize = 1 << 20;
+const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
+
+/// The HTTP/2 settings of the lanes and the pool, so a request sees the same connection
+/// through either.
 pub struct H2Settings {
     pub keep_alive_interval: Duration,
     pub keep_alive_while_idle: bool,
@@ -56,7 +74,14 @@ pub struct H2Settings {
 pub struct Lanes {
     lanes: Box<[Lane]>,
     connector: WarmConnector,
-    builder: http2::Builder<TokioExecutor>,
+    builder: h2::client::Builder,
+    keep_alive_interval: Duration,
+    keep_alive_while_idle: bool,
+    /// Numbers each connection opened, so a request that found one closed lets go of that one
+    /// and not of its successor.
+    opened: AtomicU64,
+    /// Itself, for the tasks a connection starts.
+    this: Weak<Lanes>,
 }
 
 /// One origin's lane: its connection, if open, and whether it is in use.
@@ -65,6 +90,9 @@ pub struct Lane {
     state: Mutex<State>,
     /// Set by every request sent; cleared by the idle sweep (see [`Lanes::new`]).
     used: AtomicBool,
+    /// Set by every request sent; cleared by the connection's keep-alive each interval
+    /// ([`KeepAlive::held`]).
+    recent: AtomicBool,
     /// Held while a connection is being opened, so concurrent requests share its outcome.
     opening: tokio::sync::Mutex<()>,
 }
@@ -72,7 +100,10 @@ pub struct Lane {
 enum State {
     /// Nothing open yet, or the last connection closed.
     Closed,
-    Open(http2::SendRequest<Body>),
+    Open {
+        sender: SendRequest<Bytes>,
+        id: u64,
+    },
     /// The origin's TLS server chose HTTP/1.1: the pool serves it.
     Http1,
 }
@@ -91,26 +122,23 @@ pub enum Start<'a> {
 /// The upstream's answer through a lane, or the request back for the pool.
 pub enum Outcome {
     /// The lane sent it; this is the upstream's answer or why there is none.
-    Answered(Result<Response<Incoming>, LaneError>),
+    Answered(Result<Response<UpstreamBody>, LaneError>),
     /// The origin speaks HTTP/1.1: the pool takes the request.
     ToPool(Request<Body>),
 }
 
-type Sending =
-    Pin<Box<dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>> + Send>>;
 type Slow<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
-/// A request on its way through a lane. Small on purpose: it is built and moved with every
-/// request's future, so what is large (hyper's send, a connection being opened) is boxed.
+/// A request on its way through a lane. Small on purpose: it is moved with every request's
+/// future, so what is large (a connection being opened) is boxed.
 pub enum LaneRequest<'a> {
-    /// On the open connection, the common case.
-    Sending {
-        lanes: &'a Lanes,
-        lane: &'a Lane,
-        sending: Sending,
-    },
+    /// Sent on the open connection, the common case: waiting for the response head. A request
+    /// with a body holds its upload's [`Abandon`] signal.
+    Sent(ResponseFuture, Option<Abandon>),
     /// Opening a connection first, or sending again after the connection closed.
     Slow(Slow<'a>),
+    /// The connection refused the stream; reported on the first poll.
+    Refused(Option<h2::Error>),
 }
 
 impl Future for LaneRequest<'_> {
@@ -118,26 +146,21 @@ impl Future for LaneRequest<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         match &mut *self {
-            LaneRequest::Sending {
-                lanes,
-                lane,
-                sending,
-            } => {
-                let outcome = match ready!(sending.as_mut().poll(cx)) {
-                    Ok(response) => Outcome::Answered(Ok(response)),
-                    Err(error) => match unsent(error) {
-                        Ok(request) => {
-                            let mut slow = lanes.send_slow(lane, request, 1);
-                            let polled = slow.as_mut().poll(cx);
-                            *self = LaneRequest::Slow(slow);
-                            return polled;
-                        }
-                        Err(error) => Outcome::Answered(Err(LaneError::Exchange(error))),
-                    },
-                };
-                Poll::Ready(outcome)
+            LaneRequest::Sent(response, upload) => {
+                let answer = ready!(Pin::new(response).poll(cx));
+                if let Some(upload) = upload.take() {
+                    upload.answered();
+                }
+                Poll::Ready(Outcome::Answered(
+                    answer
+                        .map(into_upstream_response)
+                        .map_err(LaneError::Exchange),
+                ))
             }
             LaneRequest::Slow(slow) => slow.as_mut().poll(cx),
+            LaneRequest::Refused(error) => Poll::Ready(Outcome::Answered(Err(
+                LaneError::Exchange(error.take().expect("LaneRequest polled after it completed")),
+            ))),
         }
     }
 }
@@ -149,7 +172,7 @@ pub enum LaneError {
     #[error("cannot connect to the upstream")]
     Connect(#[source] BoxError),
     #[error("{0}")]
-    Exchange(#[source] hyper::Error),
+    Exchange(#[source] h2::Error),
 }
 
 impl Lanes {
@@ -160,17 +183,22 @@ impl Lanes {
     /// since the last sweep, so an unused connection closes between one and two periods after
     /// its last request: a flag per request rather than a clock reading per request.
     pub fn new(origins: Vec<Uri>, connector: WarmConnector, settings: &H2Settings) -> Arc<Lanes> {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        let mut builder = h2::client::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(settings.keep_alive_interval)
-            .keep_alive_while_idle(settings.keep_alive_while_idle)
-            .adaptive_window(true);
-        let lanes = origins.into_iter().map(Lane::new).collect();
-        let lanes = Arc::new(Lanes {
-            lanes,
+            .initial_window_size(h2_driver::INITIAL_WINDOW)
+            .initial_connection_window_size(h2_driver::INITIAL_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .enable_push(false);
+        let lanes = Arc::new_cyclic(|this| Lanes {
+            lanes: origins.into_iter().map(Lane::new).collect(),
             connector,
             builder,
+            keep_alive_interval: settings.keep_alive_interval,
+            keep_alive_while_idle: settings.keep_alive_while_idle,
+            opened: AtomicU64::new(0),
+            this: this.clone(),
         });
         if !lanes.lanes.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -191,50 +219,42 @@ impl Lanes {
             return Start::Pool(request);
         };
         match lane.try_send(request) {
-            Attempt::Sending(sending) => Start::Lane(LaneRequest::Sending {
-                lanes: self,
-                lane,
-                sending: Box::pin(sending),
-            }),
+            Attempt::Sent(response, upload) => Start::Lane(LaneRequest::Sent(response, upload)),
+            Attempt::Refused(error) => Start::Lane(LaneRequest::Refused(Some(error))),
             Attempt::Http1(request) => Start::Pool(request),
             Attempt::NoConnection(request) => {
-                Start::Lane(LaneRequest::Slow(self.send_slow(lane, request, 0)))
+                Start::Lane(LaneRequest::Slow(self.send_slow(lane, request)))
             }
         }
     }
 
-    /// Sends with a connection opened first when there is none; `sends` were tried already.
-    fn send_slow<'a>(&'a self, lane: &'a Lane, request: Request<Body>, sends: usize) -> Slow<'a> {
+    /// Sends with a connection opened first, as many times as [`MAX_SENDS`] allows.
+    fn send_slow<'a>(&'a self, lane: &'a Lane, request: Request<Body>) -> Slow<'a> {
         Box::pin(async move {
             let mut request = request;
-            for _ in sends..MAX_SENDS {
-                let sending = match lane.try_send(request) {
-                    Attempt::Sending(sending) => sending,
-                    Attempt::Http1(back) => return Outcome::ToPool(back),
-                    Attempt::NoConnection(back) => {
-                        request = back;
-                        match self.open(lane).await {
-                            Ok(true) => match lane.try_send(request) {
-                                Attempt::Sending(sending) => sending,
-                                Attempt::Http1(back) => return Outcome::ToPool(back),
-                                Attempt::NoConnection(back) => {
-                                    request = back;
-                                    continue;
-                                }
-                            },
-                            Ok(false) => return Outcome::ToPool(request),
-                            Err(error) => {
-                                return Outcome::Answered(Err(LaneError::Connect(error)));
-                            }
+            for _ in 0..MAX_SENDS {
+                match self.open(lane).await {
+                    Ok(true) => {}
+                    Ok(false) => return Outcome::ToPool(request),
+                    Err(error) => return Outcome::Answered(Err(LaneError::Connect(error))),
+                }
+                match lane.try_send(request) {
+                    Attempt::Sent(response, upload) => {
+                        let answer = response.await;
+                        if let Some(upload) = upload {
+                            upload.answered();
                         }
+                        return Outcome::Answered(
+                            answer
+                                .map(into_upstream_response)
+                                .map_err(LaneError::Exchange),
+                        );
                     }
-                };
-                match sending.await {
-                    Ok(response) => return Outcome::Answered(Ok(response)),
-                    Err(error) => match unsent(error) {
-                        Ok(back) => request = back,
-                        Err(error) => return Outcome::Answered(Err(LaneError::Exchange(error))),
-                    },
+                    Attempt::Refused(error) => {
+                        return Outcome::Answered(Err(LaneError::Exchange(error)));
+                    }
+                    Attempt::Http1(back) => return Outcome::ToPool(back),
+                    Attempt::NoConnection(back) => request = back,
                 }
             }
             Outcome::Answered(Err(LaneError::Connect(
@@ -247,10 +267,14 @@ impl Lanes {
     /// origin chose HTTP/1.1.
     async fn open(&self, lane: &Lane) -> Result<bool, BoxError> {
         let _one_at_a_time = lane.opening.lock().await;
-        match &*lane.state() {
-            State::Open(sender) if !sender.is_closed() => return Ok(true),
+        match &mut *lane.state() {
+            State::Open { sender, .. } => {
+                if is_usable(sender) {
+                    return Ok(true);
+                }
+            }
             State::Http1 => return Ok(false),
-            _ => {}
+            State::Closed => {}
         }
         let stream = self.connector.clone().call(lane.origin.clone()).await?;
         if !stream.connected().is_negotiated_h2() {
@@ -259,45 +283,99 @@ impl Lanes {
             *lane.state() = State::Http1;
             return Ok(false);
         }
-        let (sender, connection) = self.builder.handshake(stream).await?;
-        let origin = lane.origin.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%origin, error = %crate::base::error_chain(&error), "upstream h2 connection ended");
+        let (io, received) = Counted::new(TokioIo::new(stream));
+        let (sender, connection) = self.builder.handshake::<_, Bytes>(io).await?;
+        let id = self.opened.fetch_add(1, Ordering::Relaxed);
+        let keep_alive = (!self.keep_alive_interval.is_zero()).then(|| {
+            let index = self
+                .lanes
+                .iter()
+                .position(|candidate| std::ptr::eq(candidate, lane))
+                .expect("the lane is one of these lanes");
+            let lanes = self.this.clone();
+            KeepAlive {
+                interval: self.keep_alive_interval,
+                while_idle: self.keep_alive_while_idle,
+                held: Box::new(move || lanes.upgrade()?.lanes[index].holds(id)),
             }
         });
-        *lane.state() = State::Open(sender);
+        let driver = Driver::new(connection, received, keep_alive)
+            .ok_or("the h2 connection gave no PING handle")?;
+        let origin = lane.origin.clone();
+        tokio::spawn(async move {
+            match driver.await {
+                Ended::Closed(Ok(())) => {
+                    tracing::debug!(%origin, connection = id, "upstream h2 connection closed");
+                }
+                Ended::Closed(Err(error)) => {
+                    tracing::debug!(%origin, connection = id, %error, "upstream h2 connection ended");
+                }
+                Ended::Unresponsive => tracing::debug!(
+                    %origin,
+                    connection = id,
+                    "upstream h2 connection left a PING unanswered for {:?}; closed",
+                    h2_driver::KEEP_ALIVE_TIMEOUT
+                ),
+            }
+        });
+        *lane.state() = State::Open { sender, id };
         Ok(true)
     }
 }
 
+/// Whether a connection still takes new streams: no GOAWAY received, not closed. A fresh
+/// handle has no stream of its own waiting to open, so this never waits and needs no waker.
+fn is_usable(sender: &mut SendRequest<Bytes>) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+}
+
 /// What a lane's state allows for one request.
-enum Attempt<F> {
-    Sending(F),
+enum Attempt {
+    Sent(ResponseFuture, Option<Abandon>),
+    /// The connection took the request and refused it (a malformed head).
+    Refused(h2::Error),
     NoConnection(Request<Body>),
     Http1(Request<Body>),
 }
 
 impl Lane {
-    /// Hands `request` to the open connection, if there is one. A connection that has closed
-    /// is let go here, so the caller opens another.
-    fn try_send(
-        &self,
-        request: Request<Body>,
-    ) -> Attempt<
-        impl Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>> + use<>,
-    > {
-        let mut state = self.state();
-        match &mut *state {
-            State::Open(sender) if !sender.is_closed() => {
-                self.used.store(true, Ordering::Relaxed);
-                Attempt::Sending(sender.try_send_request(request))
+    /// Opens a stream for `request` on the open connection, if there is one that takes new
+    /// streams, and starts its body on the way. A connection that has closed or received
+    /// GOAWAY is let go here, so the caller opens another.
+    fn try_send(&self, request: Request<Body>) -> Attempt {
+        let mut sender = {
+            let mut state = self.state();
+            match &*state {
+                State::Open { sender, id } => {
+                    // A handle of its own: one whose stream waits for a free slot (the
+                    // upstream's SETTINGS_MAX_CONCURRENT_STREAMS) must not stop the others.
+                    let mut sender = sender.clone();
+                    if !is_usable(&mut sender) {
+                        tracing::debug!(origin = %self.origin, connection = id, "upstream h2 connection closing; opening another");
+                        *state = State::Closed;
+                        return Attempt::NoConnection(request);
+                    }
+                    sender
+                }
+                State::Http1 => return Attempt::Http1(request),
+                State::Closed => return Attempt::NoConnection(request),
             }
-            State::Http1 => Attempt::Http1(request),
-            _ => {
-                *state = State::Closed;
-                Attempt::NoConnection(request)
+        };
+        self.used.store(true, Ordering::Relaxed);
+        self.recent.store(true, Ordering::Relaxed);
+        let (parts, body) = request.into_parts();
+        let end_of_stream = body.is_end_stream();
+        match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+            Ok((response, stream)) => {
+                let upload = (!end_of_stream).then(|| {
+                    let (abandon, abandoned) = Abandon::new();
+                    tokio::spawn(send_body(body, stream, abandoned));
+                    abandon
+                });
+                Attempt::Sent(response, upload)
             }
+            Err(error) => Attempt::Refused(error),
         }
     }
 
@@ -306,12 +384,24 @@ impl Lane {
             origin,
             state: Mutex::new(State::Closed),
             used: AtomicBool::new(false),
+            recent: AtomicBool::new(false),
             opening: tokio::sync::Mutex::new(()),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the lane still holds connection `id`, and whether a request was sent since
+    /// the last call.
+    fn holds(&self, id: u64) -> Option<bool> {
+        match &*self.state() {
+            State::Open { id: open, .. } if *open == id => {
+                Some(self.recent.swap(false, Ordering::Relaxed))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -331,7 +421,7 @@ fn sweep(lanes: &[Lane]) {
     for lane in lanes {
         if !lane.used.swap(false, Ordering::Relaxed) {
             let mut state = lane.state();
-            if matches!(*state, State::Open(_)) {
+            if matches!(*state, State::Open { .. }) {
                 tracing::debug!(origin = %lane.origin, "upstream h2 connection idle; letting it go");
                 *state = State::Closed;
             }
@@ -339,62 +429,74 @@ fn sweep(lanes: &[Lane]) {
     }
 }
 
-/// The request back when the connection never took it.
-fn unsent(mut error: TrySendError<Request<Body>>) -> Result<Request<Body>, hyper::Error> {
-    match error.take_message() {
-        Some(request) => Ok(request),
-        None => Err(error.into_error()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::TokioExecutor;
 
-    /// A lane holding an h2 connection to an in-memory server.
+    /// A lane holding an h2 connection to an in-memory hyper server that answers each request
+    /// with its own body.
     async fn open_lane() -> Lane {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
-            let service = service_fn(|_request| async {
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(Response::new(Full::new(body)))
             });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(server_io), service)
                 .await;
         });
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Body>(TokioIo::new(client_io))
-            .await
-            .unwrap();
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
         tokio::spawn(connection);
         let lane = Lane::new("https://bitbucket.example".parse().unwrap());
-        *lane.state() = State::Open(sender);
+        *lane.state() = State::Open { sender, id: 0 };
         lane
     }
 
     fn is_open(lane: &Lane) -> bool {
-        matches!(&*lane.state(), State::Open(sender) if !sender.is_closed())
+        match &mut *lane.state() {
+            State::Open { sender, .. } => is_usable(sender),
+            _ => false,
+        }
     }
 
-    fn get() -> Request<Body> {
-        Request::get("https://bitbucket.example/2.0/user")
-            .body(UpstreamRequestBody::local(Bytes::new()))
+    fn request(body: &'static str) -> Request<Body> {
+        Request::post("https://bitbucket.example/2.0/user")
+            .body(UpstreamRequestBody::local(body))
             .unwrap()
+    }
+
+    async fn answer(attempt: Attempt) -> Response<UpstreamBody> {
+        let Attempt::Sent(response, upload) = attempt else {
+            panic!("the open connection takes the request");
+        };
+        let response = response.await.expect("the in-memory server answers");
+        if let Some(upload) = upload {
+            upload.answered();
+        }
+        into_upstream_response(response)
+    }
+
+    #[tokio::test]
+    async fn a_request_and_its_body_go_as_one_stream_and_the_answer_streams_back() {
+        let lane = open_lane().await;
+        let response = answer(lane.try_send(request("{\"n\": 1}"))).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.body().size_hint().exact(), Some(8));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"n\": 1}");
+        // A bodiless request ends its stream with its head.
+        let response = answer(lane.try_send(request(""))).await;
+        assert!(response.body().is_end_stream());
     }
 
     #[tokio::test]
     async fn a_connection_is_let_go_after_a_whole_sweep_period_without_requests() {
         let lane = open_lane().await;
-        let Attempt::Sending(sending) = lane.try_send(get()) else {
-            panic!("the open connection takes the request");
-        };
-        let Ok(response) = sending.await else {
-            panic!("the in-memory server answers");
-        };
+        let response = answer(lane.try_send(request(""))).await;
         assert_eq!(response.status(), 200);
         // Used since the last sweep: kept.
         sweep(std::slice::from_ref(&lane));
@@ -402,6 +504,9 @@ mod tests {
         // Nothing sent for a whole period: let go, and the next request opens another.
         sweep(std::slice::from_ref(&lane));
         assert!(!is_open(&lane));
-        assert!(matches!(lane.try_send(get()), Attempt::NoConnection(_)));
+        assert!(matches!(
+            lane.try_send(request("")),
+            Attempt::NoConnection(_)
+        ));
     }
 }

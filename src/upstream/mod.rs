@@ -1,5 +1,6 @@
 //! Everything that talks to Bitbucket below the request path: the client ([`client`]), with
-//! one h2 connection per h2 origin ([`lane`]) and a pool for the rest, the corporate egress
+//! one h2 connection per h2 origin ([`lane`], each driven by [`h2_driver`], each request a
+//! stream of it through [`h2_stream`]) and a pool for the rest, the corporate egress
 //! proxy ([`egress`]), the keep-warm spare connections ([`warm`]), OAuth token renewal
 //! ([`oauth`]) and the live credentials that hold it ([`credential`]).
 //!
@@ -10,6 +11,8 @@ pub mod alpn;
 pub mod client;
 pub mod credential;
 pub mod egress;
+pub mod h2_driver;
+pub mod h2_stream;
 pub mod lane;
 pub mod oauth;
 pub mod warm;

@@ -1,7 +1,7 @@
-//! The floor of the proxy's h2 path since its h2 lanes (`src/upstream/lane.rs`): one HTTP/2
-//! connection opened through hyper's connection API (`hyper::client::conn::http2`), each request
-//! sent with a clone of its `SendRequest`. No pool, no reconnection: what hyper costs per request
-//! without hyper-util's pooled client on top.
+//! The floor of the proxy's h2 lanes as they first were, before they moved to the `h2` crate: one
+//! HTTP/2 connection opened through hyper's connection API (`hyper::client::conn::http2`), each
+//! request sent with a clone of its `SendRequest`. No pool, no reconnection: what hyper costs per
+//! request without hyper-util's pooled client on top.
 
 use bitbucket_auth_proxy_floor::{drive, main_h2, serve};
 use hyper::body::Incoming;

@@ -1,6 +1,7 @@
-//! The floor without hyper-util: one HTTP/2 connection driven by the `h2` crate directly, each
-//! request a stream on it. No pool, no reconnection, and bodiless requests only (the benchmark
-//! sends GETs): what a forwarder written straight on `h2::client` could at best save.
+//! The floor of the proxy's h2 path (`src/upstream/lane.rs`): one HTTP/2 connection driven by
+//! the `h2` crate directly, each request a stream on it. No pool, no reconnection, and bodiless
+//! requests only (the benchmark sends GETs): what a forwarder written straight on `h2::client`
+//! costs per request.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
