@@ -274,7 +274,7 @@ impl UpstreamRequestBody {
 }
 
 /// `Body` for an enum whose every variant holds a pinned body in a field `body`: each call goes
-/// to that body.
+/// to that body, and its errors become a `BoxError`.
 macro_rules! delegate_body {
     ($name:ident, $projection:ident { $($variant:ident),+ }) => {
         impl Body for $name {
@@ -286,7 +286,7 @@ macro_rules! delegate_body {
                 cx: &mut Context<'_>,
             ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
                 match self.project() {
-                    $($projection::$variant { body } => body.poll_frame(cx),)+
+                    $($projection::$variant { body } => body.poll_frame(cx).map_err(Into::into),)+
                 }
             }
 
@@ -320,34 +320,7 @@ pin_project! {
     }
 }
 
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            UpstreamBodyProj::Pooled { body } => body.poll_frame(cx).map_err(Into::into),
-            UpstreamBodyProj::Lane { body } => body.poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Pooled { body } => body.is_end_stream(),
-            UpstreamBody::Lane { body } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Pooled { body } => body.size_hint(),
-            UpstreamBody::Lane { body } => body.size_hint(),
-        }
-    }
-}
+delegate_body!(UpstreamBody, UpstreamBodyProj { Pooled, Lane });
 
 /// An h2 response stream as a body. Flow-control credit goes back to the upstream as each
 /// chunk is taken, so what is buffered for a slow client stays within the stream's window.

@@ -400,13 +400,17 @@ mod tests {
 
     const INTERVAL: Duration = Duration::from_secs(30);
 
+    fn every_interval(while_idle: bool, held: fn() -> Option<bool>) -> KeepAlive {
+        KeepAlive {
+            interval: INTERVAL,
+            while_idle,
+            held: Box::new(held),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_leaves_a_ping_unanswered_is_closed() {
-        let keep_alive = KeepAlive {
-            interval: INTERVAL,
-            while_idle: true,
-            held: Box::new(|| Some(false)),
-        };
+        let keep_alive = every_interval(true, || Some(false));
         let (_sender, driver) = unanswered(keep_alive).await;
         // The first PING goes out after an interval; its answer may take the whole timeout.
         tokio::time::sleep(INTERVAL + KEEP_ALIVE_TIMEOUT - Duration::from_secs(1)).await;
@@ -417,21 +421,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_pinged_only_when_asked_to_be() {
         // Not `while_idle`, and no request sent: no PING, so the silent peer is never noticed.
-        let keep_alive = KeepAlive {
-            interval: INTERVAL,
-            while_idle: false,
-            held: Box::new(|| Some(false)),
-        };
+        let keep_alive = every_interval(false, || Some(false));
         let (_sender, driver) = unanswered(keep_alive).await;
         tokio::time::sleep(INTERVAL * 5).await;
         assert!(!driver.is_finished());
         driver.abort();
         // Nor one the lane has let go of.
-        let keep_alive = KeepAlive {
-            interval: INTERVAL,
-            while_idle: true,
-            held: Box::new(|| None),
-        };
+        let keep_alive = every_interval(true, || None);
         let (_sender, driver) = unanswered(keep_alive).await;
         tokio::time::sleep(INTERVAL * 5).await;
         assert!(!driver.is_finished());
@@ -440,11 +436,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_in_use_is_pinged_each_interval() {
-        let keep_alive = KeepAlive {
-            interval: INTERVAL,
-            while_idle: false,
-            held: Box::new(|| Some(true)),
-        };
+        let keep_alive = every_interval(false, || Some(true));
         let (_sender, driver) = unanswered(keep_alive).await;
         tokio::time::sleep(INTERVAL + KEEP_ALIVE_TIMEOUT + Duration::from_secs(1)).await;
         assert!(matches!(driver.await.unwrap(), Ended::Unresponsive));
