@@ -278,8 +278,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                             return Poll::Ready(Ended::Closed(Err(error)));
                         }
                     }
-                    // The connection is going: its own future reports how.
-                    Poll::Ready(Err(_)) => {}
+                    // The connection is closing (GOAWAY) and takes no more PINGs: no more
+                    // measurements or keep-alive deadlines, so streams still finishing on it
+                    // are not cut; its own future reports how it ends.
+                    Poll::Ready(Err(_)) => {
+                        this.ping = None;
+                        this.bdp = None;
+                        this.keep_alive = None;
+                        this.timer = None;
+                    }
                     Poll::Pending => {}
                 }
             }
