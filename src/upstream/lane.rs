@@ -510,3 +510,79 @@ mod tests {
         ));
     }
 }
+
+/// A request abandoned before its answer: its upload stops with a reset.
+#[cfg(test)]
+mod abandoned {
+    use super::*;
+    use crate::base::body::{Direction, TimedBody};
+    use tokio::io::AsyncWriteExt;
+
+    /// A client's upload still streaming: the body of a chunked request whose first chunk came
+    /// and whose end never does, as hyper's server hands it over.
+    async fn streaming_upload() -> (Body, tokio::io::DuplexStream) {
+        let (mut client, server_io) = tokio::io::duplex(64 * 1024);
+        let (handed, body) = tokio::sync::oneshot::channel();
+        let handed = std::sync::Mutex::new(Some(handed));
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    if let Some(handed) = handed.lock().unwrap().take() {
+                        let _ = handed.send(request.into_body());
+                    }
+                    std::future::pending::<
+                        Result<Response<http_body_util::Empty<Bytes>>, hyper::Error>,
+                    >()
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server_io), service)
+                .await;
+        });
+        client
+            .write_all(b"POST /upload HTTP/1.1\r\nhost: proxy\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        let incoming = body.await.unwrap();
+        let body = UpstreamRequestBody::Client {
+            body: TimedBody::new(incoming, Duration::from_secs(60), Direction::Request, None),
+        };
+        // The client's end of the connection stays open: the upload neither ends nor fails.
+        (body, client)
+    }
+
+    #[tokio::test]
+    async fn an_upload_whose_request_is_dropped_before_its_answer_is_reset() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (got_chunk, chunk) = tokio::sync::oneshot::channel();
+        let upstream = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (request, _respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let first = body.data().await.unwrap().unwrap();
+            got_chunk.send(first).unwrap();
+            // Never answered; what comes next of the body is the question.
+            body.data().await
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let lane = Lane::new("https://bitbucket.example".parse().unwrap());
+        *lane.state() = State::Open { sender, id: 0 };
+        let (body, _client) = streaming_upload().await;
+        let request = Request::post("https://bitbucket.example/2.0/upload")
+            .body(body)
+            .unwrap();
+        let Attempt::Sent(response, upload) = lane.try_send(request) else {
+            panic!("the open connection takes the request");
+        };
+        assert_eq!(&chunk.await.unwrap()[..], b"hello");
+        // The proxy gives up on the answer (upstream.timeout, or its client left).
+        drop((response, upload));
+        let next = tokio::time::timeout(Duration::from_secs(5), upstream)
+            .await
+            .expect("the upload stopped")
+            .unwrap();
+        let error = next.expect("a reset, not the body's end").unwrap_err();
+        assert_eq!(error.reason(), Some(h2::Reason::CANCEL));
+    }
+}
