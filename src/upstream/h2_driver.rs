@@ -13,7 +13,8 @@
 //!
 //! One PING is in flight at a time, and whichever kind it is, its answer proves the connection
 //! alive. Bytes are counted as they are read from the socket ([`Counted`]), so nothing is done
-//! per frame or per request: the clock is read once per PING.
+//! per frame or per request: the clock is read once per PING, and between PINGs at most once
+//! per [`BDP_MIN_SAMPLE`] received.
 //!
 //! Uses only `h2` and `tokio`; knows nothing of lanes or requests.
 
@@ -143,10 +144,12 @@ pub struct Driver<T> {
     received: Arc<AtomicU64>,
     /// `None` once the windows are at their limit.
     bdp: Option<Bdp>,
-    /// Bytes received when the last BDP PING went.
-    measured: u64,
+    /// Bytes received when a measurement was last considered: the clock is read only once
+    /// another [`BDP_MIN_SAMPLE`] has arrived since.
+    considered: u64,
     /// No BDP PING before this (the measurements' pause), checked only once enough has
-    /// arrived for one: a deadline rather than a timer, since only arriving data needs it.
+    /// arrived since the last look: a deadline rather than a timer, since only arriving data
+    /// needs it.
     next_bdp_at: Option<Instant>,
     ping: Option<InFlight>,
     keep_alive: Option<KeepAlive>,
@@ -171,7 +174,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             pings,
             received,
             bdp: Some(Bdp::new(INITIAL_WINDOW)),
-            measured: 0,
+            considered: 0,
             next_bdp_at: None,
             ping: None,
             keep_alive,
@@ -210,20 +213,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     }
 
     /// With no PING in flight, one for a measurement when enough has arrived since the last
-    /// and the pause is over. True when one went.
+    /// look and the pause is over. True when one went. During the pause the clock is read once
+    /// per [`BDP_MIN_SAMPLE`] received, not on every poll: small answers arriving steadily
+    /// would otherwise cost a clock reading each.
     fn maybe_measure(&mut self) -> bool {
         if self.bdp.is_none() {
             return false;
         }
         let received = self.received.load(Ordering::Relaxed);
-        if received - self.measured < BDP_MIN_SAMPLE {
+        if received - self.considered < BDP_MIN_SAMPLE {
             return false;
         }
+        self.considered = received;
         let now = Instant::now();
         if self.next_bdp_at.is_some_and(|at| now < at) {
             return false;
         }
-        self.measured = received;
         self.send_ping(now)
     }
 

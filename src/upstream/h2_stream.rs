@@ -47,9 +47,7 @@ impl Abandon {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         (Abandon(sender), receiver)
     }
-}
 
-impl Abandon {
     /// The head arrived: the upload carries on for as long as its body does.
     pub fn answered(self) {
         let _ = self.0.send(());

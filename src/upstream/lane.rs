@@ -77,8 +77,8 @@ pub struct Lanes {
     builder: h2::client::Builder,
     keep_alive_interval: Duration,
     keep_alive_while_idle: bool,
-    /// Numbers each connection opened, so a request that found one closed lets go of that one
-    /// and not of its successor.
+    /// Numbers each connection opened, so its keep-alive can tell whether the lane still holds
+    /// it or has moved on to a successor ([`Lane::holds`]).
     opened: AtomicU64,
     /// Itself, for the tasks a connection starts.
     this: Weak<Lanes>,
@@ -240,19 +240,9 @@ impl Lanes {
                 }
                 match lane.try_send(request) {
                     Attempt::Sent(response, upload) => {
-                        let answer = response.await;
-                        if let Some(upload) = upload {
-                            upload.answered();
-                        }
-                        return Outcome::Answered(
-                            answer
-                                .map(into_upstream_response)
-                                .map_err(LaneError::Exchange),
-                        );
+                        return LaneRequest::Sent(response, upload).await;
                     }
-                    Attempt::Refused(error) => {
-                        return Outcome::Answered(Err(LaneError::Exchange(error)));
-                    }
+                    Attempt::Refused(error) => return LaneRequest::Refused(Some(error)).await,
                     Attempt::Http1(back) => return Outcome::ToPool(back),
                     Attempt::NoConnection(back) => request = back,
                 }
