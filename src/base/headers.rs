@@ -1,21 +1,24 @@
 //! Header hygiene in both directions: hop-by-hop headers, client secrets, internal addresses.
 
-use http::HeaderMap;
 use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-auth pair: they describe one connection
 /// and must never cross the proxy.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// Client headers that must not reach Bitbucket: credentials the proxy replaces, the client's
 /// `Expect` (the proxy answers refusals before reading the body; hyper's client has no Expect
@@ -23,63 +26,86 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// act on: a method override would turn a GET the route allows into a DELETE it does not, a
 /// rewrite header would send the request to another path than the one routed, and a forwarded
 /// host, scheme, port or client address would be believed by a front end that trusts its peer.
-const CLIENT_ONLY: [HeaderName; 16] = [
-    header::AUTHORIZATION,
-    header::COOKIE,
-    header::EXPECT,
-    header::HOST,
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-];
+fn is_client_only(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "cookie"
+            | "expect"
+            | "host"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-real-ip"
+            | "true-client-ip"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-original-url"
+            | "x-rewrite-url"
+    )
+}
 
-/// Removes every header named on any `Connection` line, then the fixed hop-by-hop set.
+/// Removes every header named on any `Connection` line (hop-by-hop by the sender's word).
 ///
 /// The lines are split as bytes: an obs-text byte elsewhere on a line (which hyper accepts)
 /// must not hide the tokens listed beside it.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    remove_listed(headers, &HOP_BY_HOP);
-}
-
-/// Removes every header named in `list`. A map holds few names and a lookup hashes its name,
-/// so one pass over the map's names beats a lookup per listed name (25 for a request).
-fn remove_listed(headers: &mut HeaderMap, list: &[HeaderName]) {
-    while let Some(name) = headers.keys().find(|name| list.contains(name)).cloned() {
+fn remove_connection_listed(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| *name != header::CONNECTION)
+        .collect();
+    for name in listed {
         headers.remove(name);
     }
 }
 
+/// Removes every header whose (lower-case) name `doomed` picks, and the names a `Connection`
+/// line lists when `doomed` picks `Connection` (both directions do). A map holds few names and a
+/// lookup hashes its name, so one pass over the map's names beats a lookup per name on the
+/// lists (25 for a request), and a `match` on the name beats comparing it with each of them.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
+    while let Some(name) = headers.keys().find(|name| doomed(name.as_str())).cloned() {
+        if name == header::CONNECTION {
+            remove_connection_listed(headers);
+        }
+        headers.remove(name);
+    }
+}
+
+/// The first value of each of `names` (lower case, as names are stored). One pass over the
+/// map: an answer carries few headers, and a lookup hashes the name it looks for, which for a
+/// name outside the standard set costs more than comparing it with each name present.
+pub fn first_values<'a, const N: usize>(
+    headers: &'a HeaderMap,
+    names: [&str; N],
+) -> [Option<&'a HeaderValue>; N] {
+    let mut found = [None; N];
+    for (name, value) in headers {
+        let name = name.as_str();
+        if let Some(i) = names.iter().position(|wanted| *wanted == name)
+            && found[i].is_none()
+        {
+            found[i] = Some(value);
+        }
+    }
+    found
+}
+
 /// Prepares client headers for the upstream; the caller then inserts the credential.
 pub fn sanitize_request(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    remove_listed(headers, &CLIENT_ONLY);
+    remove_where(headers, |name| is_hop_by_hop(name) || is_client_only(name));
 }
 
 /// Prepares upstream headers for the client. `Set-Cookie` is dropped: a session cookie issued
 /// to the proxy's credential would let a client act as that credential without the proxy.
 pub fn sanitize_response(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::SET_COOKIE);
+    remove_where(headers, |name| is_hop_by_hop(name) || name == "set-cookie");
 }
 
 #[cfg(test)]
@@ -119,6 +145,19 @@ mod tests {
         headers.insert("x-kept", HeaderValue::from_static("2"));
         sanitize_request(&mut headers);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn first_values_takes_the_first_of_each_name() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-one", HeaderValue::from_static("a"));
+        headers.append("x-one", HeaderValue::from_static("b"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let [one, content_type, absent] =
+            first_values(&headers, ["x-one", "content-type", "x-absent"]);
+        assert_eq!(one.unwrap(), "a");
+        assert_eq!(content_type.unwrap(), "text/plain");
+        assert!(absent.is_none());
     }
 
     #[test]

@@ -7,12 +7,17 @@
 //! guards the tightest budget it has a fresh report of. Reports age out after an hour, the
 //! length of Bitbucket's rolling window.
 
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 
-const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-const NEAR_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-nearlimit");
-const RESOURCE: HeaderName = HeaderName::from_static("x-ratelimit-resource");
+use crate::base::headers::first_values;
+
+/// The headers read, in the order [`Report::parse`] takes them from [`first_values`].
+const NAMES: [&str; 4] = [
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-nearlimit",
+    "x-ratelimit-resource",
+];
 
 /// Resources remembered per credential; Bitbucket has a handful, and a hostile upstream must
 /// not grow this without bound.
@@ -35,9 +40,7 @@ pub struct Report {
 impl Report {
     /// Reads the headers; `None` when the response carries none of them (the hot path).
     pub fn parse(headers: &HeaderMap) -> Option<Report> {
-        let limit = headers.get(&LIMIT);
-        let remaining = headers.get(&REMAINING);
-        let near_limit = headers.get(&NEAR_LIMIT);
+        let [limit, remaining, near_limit, resource] = first_values(headers, NAMES);
         if limit.is_none() && remaining.is_none() && near_limit.is_none() {
             return None;
         }
@@ -48,7 +51,7 @@ impl Report {
                 .filter(|v| !v.is_empty())
         }
         Some(Report {
-            resource: text(headers.get(&RESOURCE))
+            resource: text(resource)
                 .filter(|name| is_plain_name(name))
                 .unwrap_or("")
                 .into(),
@@ -236,7 +239,7 @@ mod tests {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
             map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 http::HeaderValue::from_bytes(value.as_bytes()).unwrap(),
             );
         }

@@ -5,7 +5,6 @@
 //! and the forwarding phase (`crate::proxy`) reports what the upstream answered in an
 //! [`UpstreamExchange`].
 
-use std::io::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -13,16 +12,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
+use crate::base::headers::first_values;
+
 /// Taken from the client, sent upstream, returned to the client.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The upstream's own ids, first found wins: Bitbucket Cloud answers through envoy with
 /// `X-B3-TraceId`; Atlassian's edge adds `Atl-Traceid`. Either is what Atlassian support can
 /// look a request up by.
-const UPSTREAM_ID_HEADERS: [HeaderName; 2] = [
-    HeaderName::from_static("atl-traceid"),
-    HeaderName::from_static("x-b3-traceid"),
-];
+const UPSTREAM_ID_HEADERS: [&str; 2] = ["atl-traceid", "x-b3-traceid"];
 
 /// The longest incoming id accepted.
 pub const MAX_LEN: usize = 128;
@@ -68,11 +66,27 @@ pub fn next_id() -> HeaderValue {
     };
     id.bytes[..prefix.len()].copy_from_slice(prefix);
     id.bytes[prefix.len()] = b'-';
-    let mut digits = std::io::Cursor::new(&mut id.bytes[id.len..]);
-    write!(digits, "{n}").expect("20 digits fit");
-    id.len += digits.position() as usize;
+    id.len += write_decimal(n, &mut id.bytes[id.len..]);
     HeaderValue::from_maybe_shared(Bytes::from_owner(id))
         .expect("hex digits, '-' and digits are valid")
+}
+
+/// Writes `n` in decimal at the start of `out` (room for 20 digits) and returns how many
+/// digits it took: by hand, as `write!` goes through the formatting machinery for every id.
+fn write_decimal(mut n: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - start;
+    out[..len].copy_from_slice(&digits[start..]);
+    len
 }
 
 /// 12 hex digits, `-`, and at most the 20 digits of a `u64`.
@@ -121,9 +135,10 @@ impl UpstreamExchange {
         UpstreamExchange {
             status: response.status(),
             head_after,
-            request_id: UPSTREAM_ID_HEADERS
-                .iter()
-                .find_map(|name| headers.get(name))
+            request_id: first_values(headers, UPSTREAM_ID_HEADERS)
+                .into_iter()
+                .flatten()
+                .next()
                 .filter(|id| is_valid(id.as_bytes()))
                 .cloned(),
         }
@@ -133,6 +148,15 @@ impl UpstreamExchange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_are_written_in_decimal() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            let mut out = [0u8; 20];
+            let len = write_decimal(n, &mut out);
+            assert_eq!(std::str::from_utf8(&out[..len]).unwrap(), n.to_string());
+        }
+    }
 
     #[test]
     fn valid_ids_are_short_and_plain() {
