@@ -247,7 +247,14 @@ pub async fn fetch_upstream(
         .authorization(route.upstream, &generation.client, timeout)
         .await?;
     let upstream_request = inject_credential(config, route, authorization.clone(), request)?;
-    let replay = Replay::of(&upstream_request);
+    // Kept for the two reasons to send again: an OAuth token refused, and a connection that
+    // failed in the pool (a lane retries its own). Copying the headers costs every request.
+    let replay =
+        if credential.renews_tokens() || !generation.client.uses_lane(upstream_request.uri()) {
+            Replay::of(&upstream_request)
+        } else {
+            None
+        };
     let started = Instant::now();
     let attempt = permit.map(BudgetPermit::spend);
     let mut forwarded = forward(generation, upstream_request, replay.as_ref(), started).await;
@@ -487,7 +494,7 @@ pub fn forward<'a>(
         let first =
             crate::base::body::timeout_at_unless_moving(deadline, timeout, progress, sending).await;
         let result = match (first, replay) {
-            (Ok(Err(error)), Some(replay)) if error.is_connect() && replay.is_safe() => {
+            (Ok(Err(error)), Some(replay)) if error.may_retry() && replay.is_safe() => {
                 tracing::debug!(error = %crate::base::error_chain(&error), "connecting upstream failed; retrying once");
                 let again = generation.client.request(replay.request(None));
                 tokio::time::timeout_at(deadline, again).await

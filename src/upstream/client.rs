@@ -42,16 +42,20 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Nothing of the request reached the upstream: no connection could be made.
-    pub fn is_connect(&self) -> bool {
-        match self {
-            UpstreamError::Pooled(error) => error.is_connect(),
-            UpstreamError::Lane(error) => matches!(error, LaneError::Connect(_)),
-        }
+    /// A failed connection that sending again may get past. Only the pool's: a lane has
+    /// already tried a second connection for the requests that may be sent twice.
+    pub fn may_retry(&self) -> bool {
+        matches!(self, UpstreamError::Pooled(error) if error.is_connect())
     }
 }
 
 impl UpstreamClient {
+    /// Whether a request to `uri` goes through a lane, which retries a failed connection
+    /// itself, rather than through the pool, whose caller must keep what it takes to retry.
+    pub fn uses_lane(&self, uri: &Uri) -> bool {
+        self.lanes.serve(uri)
+    }
+
     /// Sends `request` (an absolute URI); the future resolves to the response head.
     pub fn request(&self, request: Request<UpstreamRequestBody>) -> UpstreamResponse<'_> {
         match self.lanes.send(request) {

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::TokioIo;
@@ -208,6 +208,15 @@ impl Lanes {
         lanes
     }
 
+    /// Whether requests to `uri`'s origin go through a lane (so far: its server has not chosen
+    /// HTTP/1.1).
+    pub fn serve(&self, uri: &Uri) -> bool {
+        self.lanes
+            .iter()
+            .find(|lane| same_origin(&lane.origin, uri))
+            .is_some_and(|lane| !matches!(*lane.state(), State::Http1))
+    }
+
     /// Starts `request` on its origin's h2 connection, opening one first if needed; hands it
     /// back when the origin has no lane or the pool serves it.
     pub fn send(&self, request: Request<Body>) -> Start<'_> {
@@ -228,16 +237,27 @@ impl Lanes {
         }
     }
 
-    /// Sends with a connection opened first, as many times as [`MAX_SENDS`] allows.
+    /// Sends with a connection opened first, as many times as [`MAX_SENDS`] allows. A GET or
+    /// HEAD without a body whose connection could not be opened is tried once more on another
+    /// (nothing of it was sent); the proxy retries the pool's failed connections the same way.
     fn send_slow<'a>(&'a self, lane: &'a Lane, request: Request<Body>) -> Slow<'a> {
         Box::pin(async move {
             let mut request = request;
-            for _ in 0..MAX_SENDS {
+            let mut may_retry_connect = matches!(*request.method(), Method::GET | Method::HEAD)
+                && request.body().is_end_stream();
+            let mut sends = 0;
+            while sends < MAX_SENDS {
                 match self.open(lane).await {
                     Ok(true) => {}
                     Ok(false) => return Outcome::ToPool(request),
+                    Err(error) if may_retry_connect => {
+                        tracing::debug!(origin = %lane.origin, error = %crate::base::error_chain(error.as_ref()), "connecting upstream failed; retrying once");
+                        may_retry_connect = false;
+                        continue;
+                    }
                     Err(error) => return Outcome::Answered(Err(LaneError::Connect(error))),
                 }
+                sends += 1;
                 match lane.try_send(request) {
                     Attempt::Sent(response, upload) => {
                         return LaneRequest::Sent(response, upload).await;
@@ -320,6 +340,25 @@ fn is_usable(sender: &mut SendRequest<Bytes>) -> bool {
     matches!(sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
 }
 
+/// Readies the lane's handle for one more stream; false when the connection takes no new ones.
+///
+/// Requests share the handle rather than each cloning it (a clone and its drop each lock the
+/// connection's state). A handle whose last stream still waits for a free slot (the upstream's
+/// SETTINGS_MAX_CONCURRENT_STREAMS) is not ready; it is replaced by a fresh clone, which has
+/// no stream of its own, so that one waiting stream does not stop the requests after it. The
+/// waiting stream stays queued in the connection, and its request holds its own reference.
+fn make_ready(sender: &mut SendRequest<Bytes>) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match sender.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Pending => {
+            *sender = sender.clone();
+            is_usable(sender)
+        }
+    }
+}
+
 /// What a lane's state allows for one request.
 enum Attempt {
     Sent(ResponseFuture, Option<Abandon>),
@@ -334,29 +373,27 @@ impl Lane {
     /// streams, and starts its body on the way. A connection that has closed or received
     /// GOAWAY is let go here, so the caller opens another.
     fn try_send(&self, request: Request<Body>) -> Attempt {
-        let mut sender = {
+        let (parts, body) = request.into_parts();
+        let end_of_stream = body.is_end_stream();
+        let sent = {
             let mut state = self.state();
-            match &*state {
-                State::Open { sender, id } => {
-                    // A handle of its own: one whose stream waits for a free slot (the
-                    // upstream's SETTINGS_MAX_CONCURRENT_STREAMS) must not stop the others.
-                    let mut sender = sender.clone();
-                    if !is_usable(&mut sender) {
-                        tracing::debug!(origin = %self.origin, connection = id, "upstream h2 connection closing; opening another");
-                        *state = State::Closed;
-                        return Attempt::NoConnection(request);
-                    }
-                    sender
-                }
-                State::Http1 => return Attempt::Http1(request),
-                State::Closed => return Attempt::NoConnection(request),
+            let State::Open { sender, id } = &mut *state else {
+                let request = Request::from_parts(parts, body);
+                return match &*state {
+                    State::Http1 => Attempt::Http1(request),
+                    _ => Attempt::NoConnection(request),
+                };
+            };
+            if !make_ready(sender) {
+                tracing::debug!(origin = %self.origin, connection = *id, "upstream h2 connection closing; opening another");
+                *state = State::Closed;
+                return Attempt::NoConnection(Request::from_parts(parts, body));
             }
+            sender.send_request(Request::from_parts(parts, ()), end_of_stream)
         };
         self.used.store(true, Ordering::Relaxed);
         self.recent.store(true, Ordering::Relaxed);
-        let (parts, body) = request.into_parts();
-        let end_of_stream = body.is_end_stream();
-        match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+        match sent {
             Ok((response, stream)) => {
                 let upload = (!end_of_stream).then(|| {
                     let (abandon, abandoned) = Abandon::new();
@@ -481,6 +518,49 @@ mod tests {
         // A bodiless request ends its stream with its head.
         let response = answer(lane.try_send(request(""))).await;
         assert!(response.body().is_end_stream());
+    }
+
+    /// The upstream allows one stream at a time: a request that waits for the slot leaves the
+    /// lane's handle for the requests after it, and the connection is kept.
+    #[tokio::test]
+    async fn a_stream_waiting_for_a_slot_does_not_stop_the_requests_after_it() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let held = release.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let held = held.clone();
+                async move {
+                    if request.uri().path() == "/slow" {
+                        let _ = held.acquire().await;
+                    }
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(TokioIo::new(server_io), service)
+                .await;
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let lane = Lane::new("https://bitbucket.example".parse().unwrap());
+        *lane.state() = State::Open { sender, id: 7 };
+        let get = |path: &str| {
+            Request::get(format!("https://bitbucket.example{path}"))
+                .body(UpstreamRequestBody::local(""))
+                .unwrap()
+        };
+        // One exchange first, so the server's SETTINGS (one stream at a time) are in force.
+        assert_eq!(answer(lane.try_send(get("/"))).await.status(), 200);
+        let slow = tokio::spawn(answer(lane.try_send(get("/slow"))));
+        let waiting = [lane.try_send(get("/a")), lane.try_send(get("/b"))];
+        assert!(matches!(&*lane.state(), State::Open { id: 7, .. }));
+        release.add_permits(1);
+        assert_eq!(slow.await.unwrap().status(), 200);
+        for attempt in waiting {
+            assert_eq!(answer(attempt).await.status(), 200);
+        }
     }
 
     #[tokio::test]
