@@ -134,11 +134,9 @@ impl Cache {
 
     /// Decides whether a request takes part, from its method, headers and route.
     pub fn plan<B>(&self, route: &Route, request: &Request<B>) -> Plan {
-        let directives = match policy::client_directives(request.method(), request.headers()) {
-            Ok(directives) => directives,
-            Err(Bypass::Method) => return Plan::Bypass(CacheStatus::Method),
-            Err(Bypass::Request) => return Plan::Bypass(CacheStatus::Bypass),
-        };
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Plan::Bypass(CacheStatus::Method);
+        }
         let upstream_path = route.upstream_path(request.uri().path());
         let freshness = if self.limits.max_bytes == 0 {
             None
@@ -150,9 +148,16 @@ impl Cache {
                 &upstream_path,
             )
         };
+        // Before the headers: a route that neither stores nor shares this path bypasses
+        // whatever they say, and a look-up per header costs more than the path's checks.
         if freshness.is_none() && !route.coalesce {
             return Plan::Bypass(CacheStatus::Bypass);
         }
+        let directives = match policy::client_directives(request.method(), request.headers()) {
+            Ok(directives) => directives,
+            Err(Bypass::Method) => return Plan::Bypass(CacheStatus::Method),
+            Err(Bypass::Request) => return Plan::Bypass(CacheStatus::Bypass),
+        };
         let scope = key::repository_scope(route.upstream, &upstream_path);
         let mut target = upstream_path.into_owned();
         if let Some(query) = request.uri().query() {

@@ -87,10 +87,19 @@ fn default_port(uri: &Uri) -> Option<u16> {
 
 /// Same scheme, host (ASCII case-insensitive) and port, the scheme's default port included.
 pub fn same_origin(a: &Uri, b: &Uri) -> bool {
-    a.scheme() == b.scheme()
-        && a.host()
-            .zip(b.host())
-            .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
+    if a.scheme() != b.scheme() {
+        return false;
+    }
+    // Upstream URIs are built from the configured origins, so their authorities are usually
+    // the same bytes; parsing out host and port (a scan each) is for the rest.
+    if let (Some(x), Some(y)) = (a.authority(), b.authority())
+        && x.as_str() == y.as_str()
+    {
+        return true;
+    }
+    a.host()
+        .zip(b.host())
+        .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
         && default_port(a) == default_port(b)
 }
 
@@ -101,6 +110,10 @@ mod tests {
     #[test]
     fn origins_match_on_scheme_host_and_effective_port() {
         let origin: Uri = "https://api.bitbucket.org".parse().unwrap();
+        assert!(same_origin(
+            &origin,
+            &"https://api.bitbucket.org/2.0/user".parse().unwrap()
+        ));
         assert!(same_origin(
             &origin,
             &"https://API.bitbucket.org:443/".parse().unwrap()
