@@ -89,13 +89,25 @@ $(acme_route "$TOKEN")
 rewrite_links = false
 coalesce = false
 EOF
+    # `env NAME=VALUE… COMMAND`: the variables go to valgrind, which passes them on, so the
+    # profile is COMMAND's and not env's.
+    vars=()
+    if [[ $cmd =~ ^env[[:space:]] ]]; then
+        read -r -a words <<<"$cmd"
+        i=1
+        while [[ ${words[i]:-} == *=* ]]; do
+            vars+=("${words[i]}")
+            i=$((i + 1))
+        done
+        cmd=${words[*]:i}
+    fi
     cmd=${cmd//@PORT@/$port}
     cmd=${cmd//@UP@/$UP}
     cmd=${cmd//@CA@/$WORK/pki/ca.pem}
     cmd=${cmd//@CONF@/$conf/proxy.toml}
     out=$WORK/$name.out
     FLOOR_TOKEN=$TOKEN TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 1 bash -c \
-        "sleep 0.5; exec valgrind --tool=callgrind --callgrind-out-file=$out $cmd" \
+        "sleep 0.5; exec env ${vars[*]} valgrind --tool=callgrind --callgrind-out-file=$out $cmd" \
         >"$WORK/$name.log" 2>&1 &
     vpid=$!
     PIDS+=("$vpid")
@@ -106,9 +118,9 @@ EOF
     done
     curl -sf -o /dev/null "$url" || { cat "$WORK/$name.log" >&2; echo "instructions.sh: $name does not answer" >&2; exit 1; }
     taskset -c 0 wrk -t2 -c"$CONNS" -d2s "$url" >/dev/null
-    callgrind_control -z "$vpid" >/dev/null
+    callgrind_control -z "$vpid" >/dev/null 2>&1
     result=$(taskset -c 0 wrk -t2 -c"$CONNS" -d"${DUR}s" "$url")
-    callgrind_control -d "$vpid" >/dev/null
+    callgrind_control -d "$vpid" >/dev/null 2>&1
     sleep 1
     requests=$(awk '/requests in/ {print $1}' <<<"$result")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$result")
