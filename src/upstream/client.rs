@@ -53,7 +53,7 @@ impl UpstreamClient {
     /// Whether a request to `uri` goes through a lane, which retries a failed connection
     /// itself, rather than through the pool, whose caller must keep what it takes to retry.
     pub fn uses_lane(&self, uri: &Uri) -> bool {
-        self.lanes.serve(uri)
+        self.lanes.serve_origin_of(uri)
     }
 
     /// Sends `request` (an absolute URI); the future resolves to the response head.

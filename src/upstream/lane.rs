@@ -210,7 +210,7 @@ impl Lanes {
 
     /// Whether requests to `uri`'s origin go through a lane (so far: its server has not chosen
     /// HTTP/1.1).
-    pub fn serve(&self, uri: &Uri) -> bool {
+    pub fn serve_origin_of(&self, uri: &Uri) -> bool {
         self.lanes
             .iter()
             .find(|lane| same_origin(&lane.origin, uri))
