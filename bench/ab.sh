@@ -67,29 +67,11 @@ log() { printf '[ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 TOKEN=bench-ab-$RANDOM$RANDOM
 PORT_BASE=${BENCH_PORT_BASE:-29400}
 P_UP=$PORT_BASE
-PAGE=/2.0/repositories/acme/widgets
+PAGE=$BENCH_PAGE
 UP=https://127.0.0.1:$P_UP
-mkdir -p "$WORK/pki" "$WORK/www" "$WORK/up"
-throwaway_pki "$WORK/pki" 2>/dev/null
-U=$UP$PAGE
-bench_page "$U" >"$WORK/www/page.json"
-nginx_upstream "$WORK/up" 1 "$P_UP" "$WORK/pki" \
-    "$(bearer_location "$PAGE" "$WORK/www/page.json" application/json "$TOKEN")" >"$WORK/up/nginx.conf"
+page_upstream_files "$WORK" "$P_UP" "$TOKEN"
 proxy_conf() { # $1 dir $2 port
-    mkdir -p "$1"
-    cat >"$1/proxy.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$2"]
-
-[upstream]
-api_url = "$UP"
-ca_file = "$WORK/pki/ca.pem"
-
-$(acme_route "$TOKEN")
-# As bench/run.sh's proxy target: like for like with forwarders that neither rewrite nor coalesce.
-rewrite_links = false
-coalesce = false
-EOF
+    page_proxy_conf "$1" "$2" "$UP" "$WORK/pki/ca.pem" "$TOKEN"
 }
 
 taskset -c 0 nginx -p "$WORK/up" -e "$WORK/up/error.log" -c "$WORK/up/nginx.conf" -g 'daemon off;' &

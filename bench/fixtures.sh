@@ -118,3 +118,34 @@ cpu_ticks() { # pids...
     done
     echo "$total $user"
 }
+
+# The single-page set-up of bench/ab.sh and bench/instructions.sh, in WORK: certificates
+# (WORK/pki), the page at $BENCH_PAGE and an nginx upstream config (WORK/up) for UP_PORT that
+# serves it to TOKEN. The caller starts nginx (`-p WORK/up -c WORK/up/nginx.conf`).
+BENCH_PAGE=/2.0/repositories/acme/widgets
+page_upstream_files() { # $1 work dir $2 upstream port $3 token
+    mkdir -p "$1/pki" "$1/www" "$1/up"
+    throwaway_pki "$1/pki" 2>/dev/null
+    bench_page "https://127.0.0.1:$2$BENCH_PAGE" >"$1/www/page.json"
+    nginx_upstream "$1/up" 1 "$2" "$1/pki" \
+        "$(bearer_location "$BENCH_PAGE" "$1/www/page.json" application/json "$3")" >"$1/up/nginx.conf"
+}
+
+# The proxy config of those scripts, as bench/run.sh's proxy target (like for like with
+# forwarders that neither rewrite nor coalesce), in DIR/proxy.toml: DIR is a directory of its
+# own, as the proxy watches its config's directory.
+page_proxy_conf() { # $1 dir $2 port $3 upstream origin $4 CA file $5 token
+    mkdir -p "$1"
+    cat >"$1/proxy.toml" <<EOT
+[server]
+listen = ["127.0.0.1:$2"]
+
+[upstream]
+api_url = "$3"
+ca_file = "$4"
+
+$(acme_route "$5")
+rewrite_links = false
+coalesce = false
+EOT
+}

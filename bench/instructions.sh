@@ -59,13 +59,9 @@ PROFILES=$ROOT/bench/results/callgrind-$STAMP
 TOKEN=bench-instructions-$RANDOM$RANDOM
 PORT_BASE=${BENCH_PORT_BASE:-29600}
 P_UP=$PORT_BASE
-PAGE=/2.0/repositories/acme/widgets
+PAGE=$BENCH_PAGE
 UP=https://127.0.0.1:$P_UP
-mkdir -p "$WORK/pki" "$WORK/www" "$WORK/up"
-throwaway_pki "$WORK/pki" 2>/dev/null
-bench_page "$UP$PAGE" >"$WORK/www/page.json"
-nginx_upstream "$WORK/up" 1 "$P_UP" "$WORK/pki" \
-    "$(bearer_location "$PAGE" "$WORK/www/page.json" application/json "$TOKEN")" >"$WORK/up/nginx.conf"
+page_upstream_files "$WORK" "$P_UP" "$TOKEN"
 taskset -c 0 nginx -p "$WORK/up" -e "$WORK/up/error.log" -c "$WORK/up/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 
@@ -75,20 +71,7 @@ for spec; do
     name=${spec%%=*} cmd=${spec#*=}
     [[ $name != "$spec" && -n $name ]] || usage
     conf=$WORK/conf-$port
-    mkdir -p "$conf"
-    cat >"$conf/proxy.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$port"]
-
-[upstream]
-api_url = "$UP"
-ca_file = "$WORK/pki/ca.pem"
-
-$(acme_route "$TOKEN")
-# As bench/run.sh's proxy target: like for like with forwarders that neither rewrite nor coalesce.
-rewrite_links = false
-coalesce = false
-EOF
+    page_proxy_conf "$conf" "$port" "$UP" "$WORK/pki/ca.pem" "$TOKEN"
     # `env NAME=VALUE… COMMAND`: the variables go to valgrind, which passes them on, so the
     # profile is COMMAND's and not env's.
     vars=()
