@@ -46,14 +46,12 @@ while (($#)); do
     shift
 done
 (($#)) || usage
-for tool in nginx wrk openssl curl taskset python3; do
-    command -v "$tool" >/dev/null || { echo "ab.sh: needs $tool" >&2; exit 1; }
-done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/pki.sh
 source "$ROOT/bench/pki.sh"
 # shellcheck source=bench/fixtures.sh
 source "$ROOT/bench/fixtures.sh"
+need_tools ab.sh nginx wrk openssl curl taskset python3
 WORK=$(mktemp -d /tmp/bench-ab.XXXXXX)
 PIDS=()
 cleanup() {

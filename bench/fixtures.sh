@@ -149,3 +149,12 @@ rewrite_links = false
 coalesce = false
 EOT
 }
+
+# need_tools SCRIPT TOOL...: stops SCRIPT, naming the first TOOL this machine lacks.
+need_tools() {
+    local script=$1 tool
+    shift
+    for tool; do
+        command -v "$tool" >/dev/null || { echo "$script: needs $tool" >&2; exit 1; }
+    done
+}

@@ -35,14 +35,12 @@ while (($#)); do
     shift
 done
 (($#)) || usage
-for tool in nginx wrk openssl curl taskset valgrind callgrind_control python3; do
-    command -v "$tool" >/dev/null || { echo "instructions.sh: needs $tool" >&2; exit 1; }
-done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/pki.sh
 source "$ROOT/bench/pki.sh"
 # shellcheck source=bench/fixtures.sh
 source "$ROOT/bench/fixtures.sh"
+need_tools instructions.sh nginx wrk openssl curl taskset valgrind callgrind_control python3
 WORK=$(mktemp -d /tmp/bench-instructions.XXXXXX)
 PIDS=()
 cleanup() {
