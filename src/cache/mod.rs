@@ -134,7 +134,7 @@ impl Cache {
 
     /// Decides whether a request takes part, from its method, headers and route.
     pub fn plan<B>(&self, route: &Route, request: &Request<B>) -> Plan {
-        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        if !policy::shares_method(request.method()) {
             return Plan::Bypass(CacheStatus::Method);
         }
         let upstream_path = route.upstream_path(request.uri().path());

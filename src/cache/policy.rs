@@ -132,9 +132,14 @@ pub struct ClientDirectives {
     pub write_store: bool,
 }
 
+/// The methods whose requests may be shared or stored: GET and HEAD.
+pub fn shares_method(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+}
+
 /// Checks a GET/HEAD request's headers: `Err` when it must go upstream alone.
 pub fn client_directives(method: &Method, headers: &HeaderMap) -> Result<ClientDirectives, Bypass> {
-    if *method != Method::GET && *method != Method::HEAD {
+    if !shares_method(method) {
         return Err(Bypass::Method);
     }
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)

@@ -533,9 +533,9 @@ impl Replay {
         })
     }
 
-    /// GET and HEAD, the methods retried after a failed connection.
+    /// Whether it is sent again after a failed connection (a replay has no body).
     fn is_safe(&self) -> bool {
-        matches!(self.method, Method::GET | Method::HEAD)
+        crate::upstream::lane::resent_after_failed_connect(&self.method, true)
     }
 
     /// The request again, with a new `Authorization` if given.

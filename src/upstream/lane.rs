@@ -15,7 +15,8 @@
 //!   the egress proxy and each origin's ALPN offer apply unchanged.
 //! - One request at a time opens a connection; the rest wait for it and then share it.
 //! - A request that finds its connection closing (GOAWAY received, EOF, a failed PING) is sent
-//!   on a fresh connection instead: nothing of it went out.
+//!   on a fresh connection instead: nothing of it went out. One whose connection cannot be
+//!   opened is tried once more if [`resent_after_failed_connect`] allows.
 //! - hyper's HTTP/2 settings: frame and header-list limits, adaptive flow-control windows and
 //!   PING keep-alive, kept by each connection's task ([`crate::upstream::h2_driver`]).
 //! - An origin whose TLS server picks HTTP/1.1 is handed to the pool for good (for this client,
@@ -208,23 +209,24 @@ impl Lanes {
         lanes
     }
 
-    /// Whether requests to `uri`'s origin go through a lane (so far: its server has not chosen
-    /// HTTP/1.1).
-    pub fn serve_origin_of(&self, uri: &Uri) -> bool {
+    /// The lane of `uri`'s origin, if it has one.
+    fn lane_for(&self, uri: &Uri) -> Option<&Lane> {
         self.lanes
             .iter()
             .find(|lane| same_origin(&lane.origin, uri))
+    }
+
+    /// Whether requests to `uri`'s origin go through a lane (so far: its server has not chosen
+    /// HTTP/1.1).
+    pub fn serve_origin_of(&self, uri: &Uri) -> bool {
+        self.lane_for(uri)
             .is_some_and(|lane| !matches!(*lane.state(), State::Http1))
     }
 
     /// Starts `request` on its origin's h2 connection, opening one first if needed; hands it
     /// back when the origin has no lane or the pool serves it.
     pub fn send(&self, request: Request<Body>) -> Start<'_> {
-        let Some(lane) = self
-            .lanes
-            .iter()
-            .find(|lane| same_origin(&lane.origin, request.uri()))
-        else {
+        let Some(lane) = self.lane_for(request.uri()) else {
             return Start::Pool(request);
         };
         match lane.try_send(request) {
@@ -243,8 +245,8 @@ impl Lanes {
     fn send_slow<'a>(&'a self, lane: &'a Lane, request: Request<Body>) -> Slow<'a> {
         Box::pin(async move {
             let mut request = request;
-            let mut may_retry_connect = matches!(*request.method(), Method::GET | Method::HEAD)
-                && request.body().is_end_stream();
+            let mut may_retry_connect =
+                resent_after_failed_connect(request.method(), request.body().is_end_stream());
             let mut sends = 0;
             while sends < MAX_SENDS {
                 match self.open(lane).await {
@@ -331,6 +333,13 @@ impl Lanes {
         *lane.state() = State::Open { sender, id };
         Ok(true)
     }
+}
+
+/// Whether a request whose connection failed before a byte of it went out is sent once more on
+/// another: a GET or HEAD without a body, which the upstream cannot have acted on. A lane
+/// retries its own connections; the proxy retries the pool's (`crate::proxy::forward`).
+pub fn resent_after_failed_connect(method: &Method, bodiless: bool) -> bool {
+    bodiless && matches!(*method, Method::GET | Method::HEAD)
 }
 
 /// Whether a connection still takes new streams: no GOAWAY received, not closed. A fresh
