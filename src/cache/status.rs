@@ -59,7 +59,10 @@ impl CacheStatus {
         if ttl.is_none() && fwd_status.is_none() {
             return plain;
         }
-        let mut text = String::from_utf8_lossy(plain.as_bytes()).into_owned();
+        let mut text = plain
+            .to_str()
+            .expect("the Cache-Status constants are ASCII")
+            .to_owned();
         if let Some(status) = fwd_status {
             text.push_str(&format!("; fwd-status={}", status.as_u16()));
         }
